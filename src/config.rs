@@ -1,0 +1,820 @@
+//! Configuration: `gateway.toml` plus `SESSIONGATE_*` environment overrides.
+//!
+//! figment reads both sources into [`RawConfig`], whose structs reject
+//! unknown keys. [`Config::from_raw`] then converts it once into the typed,
+//! validated [`Config`] that the rest of the gateway sees, collecting every
+//! problem instead of stopping at the first, so that an operator fixes a
+//! broken file in one pass. Nothing outside this module sees the raw form.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use http::Uri;
+use http::header::HeaderName;
+use serde::Deserialize;
+
+/// Every way a configuration can be wrong, each naming where and what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {reason}")]
+    Read { file: String, reason: String },
+    #[error("{}", format_problems(.file, .problems))]
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One problem: the dotted key it concerns and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key `{}`: {}", self.key, self.message)
+    }
+}
+
+fn format_problems(file: &str, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(|p| format!("{file}: {p}")).collect();
+    lines.join("\n")
+}
+
+impl ConfigError {
+    /// The problems found, empty for an unreadable file.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The raw form, exactly as written in TOML.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    session: RawSession,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    #[serde(default)]
+    policies: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_connections: Option<u64>,
+    shutdown_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    redis_url: Option<String>,
+    database_url: Option<String>,
+    local_cache_ttl_ms: Option<u64>,
+    migrate: Option<bool>,
+    memory_capacity: Option<u64>,
+    sweep_interval_seconds: Option<u64>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSession {
+    cookie_name: Option<String>,
+    cookie_secure: Option<bool>,
+    user_header: Option<String>,
+    session_header: Option<String>,
+    default_ttl_seconds: Option<u64>,
+    forward_token: Option<bool>,
+    token_secret: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: Option<String>,
+    #[serde(default)]
+    urls: Vec<String>,
+    connect_timeout_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: Option<String>,
+    upstream: Option<String>,
+    auth: Option<String>,
+    login_redirect: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    plugin: Option<String>,
+    config: Option<figment::value::Value>,
+    on_error: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// The validated form.
+// ---------------------------------------------------------------------------
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from, for messages.
+    pub source: String,
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    pub store: StoreConfig,
+    pub session: SessionConfig,
+    pub log: LogConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Connections beyond this wait in the kernel's accept queue rather
+    /// than each costing memory and file descriptors here.
+    pub max_connections: usize,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: String,
+}
+
+impl fmt::Debug for AdminConfig {
+    // The token is a secret: never in a debug dump or a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub redis_url: Option<String>,
+    pub database_url: String,
+    pub local_cache_ttl: Duration,
+    pub migrate: bool,
+    /// Entries kept by the in-process fast tier before the least used go.
+    pub memory_capacity: u64,
+    pub sweep_interval: Duration,
+    pub max_connections: u32,
+}
+
+#[derive(Clone)]
+pub struct SessionConfig {
+    pub cookie_name: String,
+    pub cookie_secure: bool,
+    pub user_header: HeaderName,
+    pub session_header: HeaderName,
+    /// The lifetime of a session when no policy sets one.
+    pub default_ttl: Duration,
+    /// Whether the session cookie and bearer token go upstream.
+    pub forward_token: bool,
+    /// Key for the token MAC; when absent it is kept in the durable store.
+    pub token_secret: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("cookie_name", &self.cookie_name)
+            .field("cookie_secure", &self.cookie_secure)
+            .field("user_header", &self.user_header)
+            .field("session_header", &self.session_header)
+            .field("default_ttl", &self.default_ttl)
+            .field("forward_token", &self.forward_token)
+            .field(
+                "token_secret",
+                &self.token_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Base URLs: scheme and authority only (`http://host:port`).
+    pub urls: Vec<Uri>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Required,
+    Optional,
+    None,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Required => "required",
+            AuthMode::Optional => "optional",
+            AuthMode::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub prefix: String,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    pub auth: AuthMode,
+    pub login_redirect: Option<String>,
+}
+
+pub const DEFAULT_CONFIG_FILE: &str = "gateway.toml";
+const ENV_PREFIX: &str = "SESSIONGATE_";
+
+impl Config {
+    /// Reads `path` (which must exist) and the `SESSIONGATE_*` environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        if !path.is_file() {
+            return Err(ConfigError::Read {
+                file,
+                reason: "no such file".into(),
+            });
+        }
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::from_figment(figment, &file)
+    }
+
+    /// Parses TOML text alone, without the environment: for tests and
+    /// for callers that build a config in memory.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let figment = Figment::new().merge(Toml::string(text));
+        Self::from_figment(figment, "<inline>")
+    }
+
+    fn from_figment(figment: Figment, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = figment.extract().map_err(|errors| {
+            let problems = errors
+                .into_iter()
+                .map(|e| {
+                    let origin = e
+                        .metadata
+                        .as_ref()
+                        .map(|m| m.name.to_string())
+                        .unwrap_or_default();
+                    let key = if e.path.is_empty() {
+                        "(top level)".to_string()
+                    } else {
+                        e.path.join(".")
+                    };
+                    let message = if origin.starts_with("`SESSIONGATE_") || origin.contains("env") {
+                        format!("{} (from {origin})", e.kind)
+                    } else {
+                        e.kind.to_string()
+                    };
+                    Problem { key, message }
+                })
+                .collect();
+            ConfigError::Invalid {
+                file: file.to_string(),
+                problems,
+            }
+        })?;
+        Self::from_raw(raw, file)
+    }
+
+    fn from_raw(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
+        let mut v = Validator::default();
+
+        let server = ServerConfig {
+            listen: v.addr(
+                "server.listen",
+                raw.server.listen.as_deref(),
+                "127.0.0.1:8080",
+            ),
+            max_connections: v.positive(
+                "server.max_connections",
+                raw.server.max_connections,
+                10_000,
+            ) as usize,
+            shutdown_grace: Duration::from_millis(raw.server.shutdown_grace_ms.unwrap_or(30_000)),
+        };
+
+        let admin = raw.admin.map(|a| {
+            let token = a.token.unwrap_or_default();
+            if token.is_empty() {
+                v.problem(
+                    "admin.token",
+                    "required when [admin] is present (set it here or in SESSIONGATE_ADMIN__TOKEN)",
+                );
+            } else if token.len() < 16 {
+                v.problem("admin.token", "must be at least 16 characters long");
+            }
+            AdminConfig {
+                listen: v.addr("admin.listen", a.listen.as_deref(), "127.0.0.1:9090"),
+                token,
+            }
+        });
+
+        let database_url = raw
+            .store
+            .database_url
+            .unwrap_or_else(|| "sqlite://sessiongate.db".into());
+        let known = ["sqlite:", "postgres://", "postgresql://"];
+        if !known.iter().any(|k| database_url.starts_with(k)) {
+            v.problem(
+                "store.database_url",
+                "must start with sqlite:// (embedded) or postgres://",
+            );
+        } else if database_url.starts_with("postgres") {
+            v.problem(
+                "store.database_url",
+                "the PostgreSQL durable tier is not available in this build yet; use sqlite://",
+            );
+        }
+        if let Some(url) = &raw.store.redis_url {
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                v.problem("store.redis_url", "must start with redis:// or rediss://");
+            } else {
+                v.problem(
+                    "store.redis_url",
+                    "the Redis fast tier is not available in this build yet; remove the key to use the in-process tier",
+                );
+            }
+        }
+        let local_cache_ttl_ms = raw.store.local_cache_ttl_ms.unwrap_or(0);
+        if local_cache_ttl_ms > 0 && raw.store.redis_url.is_none() {
+            v.problem(
+                "store.local_cache_ttl_ms",
+                "only applies in front of Redis (store.redis_url); leave it 0 otherwise",
+            );
+        }
+        let store = StoreConfig {
+            redis_url: raw.store.redis_url,
+            database_url,
+            local_cache_ttl: Duration::from_millis(local_cache_ttl_ms),
+            migrate: raw.store.migrate.unwrap_or(true),
+            memory_capacity: v.positive(
+                "store.memory_capacity",
+                raw.store.memory_capacity,
+                1_000_000,
+            ),
+            sweep_interval: Duration::from_secs(v.positive(
+                "store.sweep_interval_seconds",
+                raw.store.sweep_interval_seconds,
+                60,
+            )),
+            max_connections: v.positive(
+                "store.max_connections",
+                raw.store.max_connections.map(u64::from),
+                8,
+            ) as u32,
+        };
+
+        let cookie_name = raw
+            .session
+            .cookie_name
+            .unwrap_or_else(|| "sg_session".into());
+        if cookie_name.is_empty()
+            || !cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        {
+            v.problem(
+                "session.cookie_name",
+                "must be non-empty and use only letters, digits, '_', '-' and '.'",
+            );
+        }
+        let user_header = v.header(
+            "session.user_header",
+            raw.session.user_header.as_deref(),
+            "x-user-id",
+        );
+        let session_header = v.header(
+            "session.session_header",
+            raw.session.session_header.as_deref(),
+            "x-session-id",
+        );
+        if user_header == session_header {
+            v.problem(
+                "session.session_header",
+                "must differ from session.user_header",
+            );
+        }
+        let ttl = v.positive(
+            "session.default_ttl_seconds",
+            raw.session.default_ttl_seconds,
+            86_400,
+        );
+        let token_secret = match raw.session.token_secret {
+            Some(s) if s.len() < 32 => {
+                v.problem(
+                    "session.token_secret",
+                    "must be at least 32 characters (or leave it out to keep a generated key in the durable store)",
+                );
+                None
+            }
+            Some(s) => Some(s.into_bytes()),
+            None => None,
+        };
+        let session = SessionConfig {
+            cookie_name,
+            cookie_secure: raw.session.cookie_secure.unwrap_or(true),
+            user_header,
+            session_header,
+            default_ttl: Duration::from_secs(ttl),
+            forward_token: raw.session.forward_token.unwrap_or(false),
+            token_secret,
+        };
+
+        let format = match raw.log.format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                v.problem(
+                    "log.format",
+                    format!("must be \"text\" or \"json\", not {other:?}"),
+                );
+                LogFormat::Text
+            }
+        };
+        let log = LogConfig {
+            format,
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+        };
+        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+            v.problem(
+                "log.level",
+                format!("{:?} is not a valid level or filter", log.level),
+            );
+        }
+
+        let mut upstreams = Vec::new();
+        let mut names = HashSet::new();
+        for (i, u) in raw.upstreams.into_iter().enumerate() {
+            let key = |field: &str| format!("upstreams[{i}].{field}");
+            let name = u.name.unwrap_or_default();
+            if name.is_empty() {
+                v.problem(key("name"), "is required");
+            } else if !names.insert(name.clone()) {
+                v.problem(key("name"), format!("{name:?} is defined twice"));
+            }
+            if u.urls.is_empty() {
+                v.problem(key("urls"), "needs at least one URL");
+            }
+            let mut urls = Vec::new();
+            for (j, raw_url) in u.urls.iter().enumerate() {
+                match parse_upstream_url(raw_url) {
+                    Ok(uri) => urls.push(uri),
+                    Err(msg) => v.problem(format!("upstreams[{i}].urls[{j}]"), msg),
+                }
+            }
+            upstreams.push(UpstreamConfig {
+                name,
+                urls,
+                connect_timeout: Duration::from_millis(v.positive(
+                    &key("connect_timeout_ms"),
+                    u.connect_timeout_ms,
+                    1_000,
+                )),
+                timeout: Duration::from_millis(v.positive(
+                    &key("timeout_ms"),
+                    u.timeout_ms,
+                    30_000,
+                )),
+            });
+        }
+
+        let mut routes = Vec::new();
+        let mut prefixes = HashSet::new();
+        if raw.routes.is_empty() {
+            v.problem("routes", "at least one [[routes]] entry is needed");
+        }
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let key = |field: &str| format!("routes[{i}].{field}");
+            let prefix = r.prefix.unwrap_or_default();
+            if !prefix.starts_with('/') {
+                v.problem(key("prefix"), "must start with '/'");
+            } else if !prefixes.insert(prefix.clone()) {
+                v.problem(key("prefix"), format!("{prefix:?} is used by two routes"));
+            }
+            let upstream_name = r.upstream.unwrap_or_default();
+            let upstream = upstreams.iter().position(|u| u.name == upstream_name);
+            if upstream.is_none() {
+                v.problem(
+                    key("upstream"),
+                    format!("{upstream_name:?} names no [[upstreams]] entry"),
+                );
+            }
+            let auth = match r.auth.as_deref().unwrap_or("required") {
+                "required" => AuthMode::Required,
+                "optional" => AuthMode::Optional,
+                "none" => AuthMode::None,
+                other => {
+                    v.problem(
+                        key("auth"),
+                        format!("must be \"required\", \"optional\" or \"none\", not {other:?}"),
+                    );
+                    AuthMode::Required
+                }
+            };
+            if let Some(redirect) = &r.login_redirect
+                && (redirect.is_empty() || http::HeaderValue::from_str(redirect).is_err())
+            {
+                v.problem(key("login_redirect"), "must be a path or URL");
+            }
+            routes.push(RouteConfig {
+                prefix,
+                upstream: upstream.unwrap_or(0),
+                auth,
+                login_redirect: r.login_redirect,
+            });
+        }
+
+        for (i, p) in raw.policies.iter().enumerate() {
+            let _ = (&p.plugin, &p.config, &p.on_error);
+            v.problem(
+                format!("policies[{i}]"),
+                "WebAssembly policy plugins are not available in this build yet; remove the [[policies]] entries (sessions get session.default_ttl_seconds)",
+            );
+        }
+
+        if v.problems.is_empty() {
+            Ok(Config {
+                source: file.to_string(),
+                server,
+                admin,
+                store,
+                session,
+                log,
+                upstreams,
+                routes,
+            })
+        } else {
+            Err(ConfigError::Invalid {
+                file: file.to_string(),
+                problems: v.problems,
+            })
+        }
+    }
+
+    /// The durable store's URL with any password replaced, for messages.
+    pub fn redacted_database_url(&self) -> String {
+        redact_url(&self.store.database_url)
+    }
+}
+
+/// Replaces the password in `scheme://user:password@host/...`.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:****@{host}");
+    }
+    url.to_string()
+}
+
+fn parse_upstream_url(raw: &str) -> Result<Uri, String> {
+    let uri: Uri = raw
+        .parse()
+        .map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(format!(
+                "{raw:?}: scheme {other:?} is not supported (only http://)"
+            ));
+        }
+        None => return Err(format!("{raw:?} needs a scheme, e.g. http://host:port")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{raw:?} needs a host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "{raw:?}: give scheme, host and port only; the request path goes upstream unchanged"
+        ));
+    }
+    Ok(uri)
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn addr(&mut self, key: &str, value: Option<&str>, default: &str) -> SocketAddr {
+        let text = value.unwrap_or(default);
+        match text.parse() {
+            Ok(addr) => addr,
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("{text:?} is not an address like 127.0.0.1:8080"),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: Option<u64>, default: u64) -> u64 {
+        match value {
+            Some(0) => {
+                self.problem(key, "must be greater than 0");
+                default
+            }
+            Some(n) => n,
+            None => default,
+        }
+    }
+
+    fn header(&mut self, key: &str, value: Option<&str>, default: &str) -> HeaderName {
+        let text = value.unwrap_or(default);
+        match HeaderName::from_bytes(text.as_bytes()) {
+            Ok(name) if !crate::headers::is_reserved(&name) => name,
+            Ok(_) => {
+                self.problem(
+                    key,
+                    format!("{text:?} is a header the gateway sets or removes itself"),
+                );
+                HeaderName::from_static("x-invalid")
+            }
+            Err(_) => {
+                self.problem(key, format!("{text:?} is not a valid header name"));
+                HeaderName::from_static("x-invalid")
+            }
+        }
+    }
+}
+
+/// The config file named by the command line, or the default.
+pub fn config_path(arg: Option<PathBuf>) -> PathBuf {
+    arg.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[upstreams]]
+        name = "app"
+        urls = ["http://127.0.0.1:3000"]
+
+        [[routes]]
+        prefix = "/"
+        upstream = "app"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.session.cookie_name, "sg_session");
+        assert!(c.session.cookie_secure);
+        assert_eq!(c.routes[0].auth, AuthMode::Required);
+        assert_eq!(c.store.database_url, "sqlite://sessiongate.db");
+        assert_eq!(c.session.default_ttl, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err =
+            Config::from_toml_str(&format!("{MINIMAL}\n[server]\nlisten_port = 1\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("listen_port"), "{text}");
+        assert!(text.contains("server"), "{text}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [server]
+            listen = "nowhere"
+            [admin]
+            listen = "127.0.0.1:9090"
+            [session]
+            user_header = "bad header"
+            [[upstreams]]
+            name = "app"
+            urls = ["ftp://x"]
+            [[routes]]
+            prefix = "api"
+            upstream = "missing"
+            auth = "sometimes"
+        "#;
+        let err = Config::from_toml_str(text).unwrap_err();
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "server.listen",
+            "admin.token",
+            "session.user_header",
+            "upstreams[0].urls[0]",
+            "routes[0].prefix",
+            "routes[0].upstream",
+            "routes[0].auth",
+        ] {
+            assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+        }
+        assert!(err.to_string().starts_with("<inline>: key `"));
+    }
+
+    #[test]
+    fn upstream_urls_must_be_bare_http_origins() {
+        assert!(parse_upstream_url("http://127.0.0.1:3000").is_ok());
+        assert!(parse_upstream_url("http://127.0.0.1:3000/").is_ok());
+        assert!(parse_upstream_url("https://example.com").is_err());
+        assert!(parse_upstream_url("http://a/b").is_err());
+        assert!(parse_upstream_url("127.0.0.1:3000").is_err());
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@db:5432/x"),
+            "postgres://u:****@db:5432/x"
+        );
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn identity_headers_cannot_be_gateway_headers() {
+        let err = Config::from_toml_str(&format!(
+            "{MINIMAL}\n[session]\nuser_header = \"x-forwarded-for\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.problems()[0].key, "session.user_header");
+    }
+}

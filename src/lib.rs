@@ -1,0 +1,49 @@
+//! sessiongate: an edge session gateway.
+//!
+//! A reverse proxy that authenticates every request to a protected route
+//! by looking its session token up in a hybrid store, and forwards it
+//! upstream with the caller's identity in headers.
+//!
+//! # Map of the modules
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`config`] | `gateway.toml` + `SESSIONGATE_*` → a validated [`config::Config`] |
+//! | [`server`] | stores, listeners, connection cap, background tasks, graceful shutdown |
+//! | [`proxy`] | the request path: route → authenticate → rewrite → forward → respond |
+//! | [`upstream`] | pooled upstream clients, round robin, skipping refused URLs |
+//! | [`headers`] | header constants, hop-by-hop removal, cookie and bearer parsing |
+//! | [`token`] | token issue and verification (CSPRNG + MAC), the stored hash |
+//! | [`session`] | the session record, its limits and the clock |
+//! | [`store`] | the fast/durable tier traits and their hybrid composition |
+//! | [`admin`] | the admin API, `/healthz`, `/readyz`, `/metrics` |
+//! | [`error`] | the one place an error becomes an HTTP response |
+//! | [`metrics`], [`telemetry`] | Prometheus metrics and structured logs |
+//!
+//! # The path of a request
+//!
+//! [`server`] accepts a connection (HTTP/1.1 or h2c) and hands each request
+//! to [`proxy::Gateway::handle`]. It picks the longest matching route,
+//! extracts the token from `Authorization: Bearer` or the session cookie,
+//! verifies its MAC with [`token::TokenKey`] (no store sees a forged
+//! token), and looks its hash up in [`store::SessionStore`]: the fast tier,
+//! then the durable tier with a restore into the fast tier. The request
+//! goes to an [`upstream::Upstream`] with client-supplied identity headers
+//! removed and the session's identity added. On the way back, the
+//! upstream's `x-sessiongate-login` / `-logout` headers create or revoke
+//! sessions and become `Set-Cookie`. Any failure becomes a
+//! [`error::ProxyError`] and, in one place, the contract's JSON error.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod telemetry;
+pub mod token;
+pub mod upstream;

@@ -1,0 +1,479 @@
+//! The request path: route, authenticate, forward, and act on the
+//! upstream's session headers.
+//!
+//! Phases, in the order they run for each request:
+//!
+//! 1. **route** — the longest matching prefix picks the route (404 if none).
+//! 2. **authenticate** — the token is taken from `Authorization: Bearer` or
+//!    the session cookie, checked for shape and MAC (no store is asked for
+//!    a malformed one), then looked up in the hybrid store. What a failure
+//!    means depends on the route's `auth` mode.
+//! 3. **rewrite** — hop-by-hop headers go; client copies of identity and
+//!    forwarding headers go (on every route); the session's identity, the
+//!    `x-forwarded-*` headers and `x-request-id` are set; the session
+//!    cookie and our bearer token are kept from the upstream.
+//! 4. **forward** — to the route's upstream, bodies streamed both ways;
+//!    a WebSocket handshake becomes a bridged byte stream.
+//! 5. **respond** — the `x-sessiongate-*` headers of the response begin or
+//!    end sessions and are removed; the result is logged and counted.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{self, Body};
+use crate::config::{AuthMode, Config, RouteConfig};
+use crate::error::ProxyError;
+use crate::headers::{
+    self as h, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
+};
+use crate::metrics::{Metrics, ReasonLabels};
+use crate::session::{self, Session};
+use crate::store::SessionStore;
+use crate::token::{self, TokenHash, TokenKey};
+use crate::upstream::Upstream;
+
+/// Everything the request path needs, shared by every connection.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub store: SessionStore,
+    pub token_key: TokenKey,
+    pub metrics: Arc<Metrics>,
+    routes: Vec<RouteConfig>,
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+/// The token a request presented, after the shape and MAC checks.
+#[derive(Debug, Clone, Copy)]
+enum Presented {
+    Nothing,
+    Malformed,
+    Valid(TokenHash),
+}
+
+/// What one request did, for its log line.
+struct Outcome {
+    route: String,
+    session_id: Option<uuid::Uuid>,
+}
+
+impl Gateway {
+    pub fn new(
+        config: Arc<Config>,
+        store: SessionStore,
+        token_key: TokenKey,
+        metrics: Arc<Metrics>,
+    ) -> Gateway {
+        let mut routes = config.routes.clone();
+        // Longest prefix first, so the first match is the most specific.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let upstreams = config.upstreams.iter().map(Upstream::new).collect();
+        Gateway {
+            config,
+            store,
+            token_key,
+            metrics,
+            routes,
+            upstreams,
+        }
+    }
+
+    fn route(&self, path: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| path.starts_with(&r.prefix))
+    }
+
+    /// Handles one request from a client at `peer`. Never fails: every
+    /// error becomes its response here.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let request_id = request_id(req.headers());
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let html = accepts_html(req.headers());
+        let mut outcome = Outcome {
+            route: "-".to_string(),
+            session_id: None,
+        };
+        let mut resp = match self.proxy(req, peer, &request_id, &mut outcome).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if e.is_auth_failure() {
+                    self.metrics
+                        .auth_rejections
+                        .get_or_create(&ReasonLabels { reason: e.code() })
+                        .inc();
+                }
+                let redirect = self
+                    .route(&path)
+                    .and_then(|r| r.login_redirect.as_deref())
+                    .filter(|_| e.is_auth_failure());
+                match redirect {
+                    Some(location) if html => login_redirect(location),
+                    _ => e.into_response(&request_id),
+                }
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert(X_REQUEST_ID, v);
+        }
+        let elapsed = started.elapsed();
+        let status = resp.status().as_u16();
+        self.metrics
+            .observe_request(&outcome.route, status, elapsed.as_secs_f64());
+        tracing::info!(
+            target: "sessiongate::access",
+            request_id = %request_id,
+            method = %method,
+            path = %path,
+            route = %outcome.route,
+            status,
+            latency_us = elapsed.as_micros() as u64,
+            session_id = outcome.session_id.map(|id| id.to_string()).unwrap_or_default(),
+            "request"
+        );
+        resp
+    }
+
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &str,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, ProxyError> {
+        let route = self.route(req.uri().path()).ok_or(ProxyError::NoRoute)?;
+        outcome.route = route.prefix.clone();
+
+        // Authenticate.
+        let presented = self.presented_token(req.headers());
+        let session = match (route.auth, presented) {
+            (AuthMode::None, _) => None,
+            (AuthMode::Required, Presented::Nothing) => return Err(ProxyError::MissingSession),
+            (AuthMode::Required, Presented::Malformed) => return Err(ProxyError::MalformedToken),
+            (AuthMode::Optional, Presented::Nothing | Presented::Malformed) => None,
+            (mode, Presented::Valid(key)) => match self.store.lookup(&key).await {
+                Ok(Some(s)) => Some(s),
+                Ok(None) if mode == AuthMode::Required => {
+                    return Err(ProxyError::InvalidSession);
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(request_id, error = %e, "session lookup failed");
+                    return Err(ProxyError::StoreUnavailable);
+                }
+            },
+        };
+        outcome.session_id = session.as_ref().map(|s| s.id);
+        if route.auth == AuthMode::Required && session.is_none() {
+            return Err(ProxyError::InvalidSession);
+        }
+
+        // Rewrite.
+        let upgrade = h::is_upgrade_request(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, incoming) = req.into_parts();
+        let mut headers = parts.headers;
+        self.rewrite_request_headers(&mut headers, &parts.uri, peer, request_id, upgrade);
+        if let Some(s) = &session {
+            self.set_identity(&mut headers, s);
+        }
+
+        // Forward.
+        let upstream = &self.upstreams[route.upstream];
+        let body_is_empty = incoming.is_end_stream();
+        let mut resp = upstream
+            .send(
+                parts.method,
+                parts.uri.path_and_query().cloned(),
+                headers,
+                body::incoming(incoming),
+                body_is_empty,
+            )
+            .await
+            .inspect_err(|e| {
+                self.metrics
+                    .upstream_errors
+                    .get_or_create(&ReasonLabels { reason: e.code() })
+                    .inc();
+            })?;
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let request_id = request_id.to_string();
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((client, upstream)) => {
+                            let mut client = TokioIo::new(client);
+                            let mut upstream = TokioIo::new(upstream);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                        Err(e) => tracing::warn!(request_id, error = %e, "upgrade failed"),
+                    }
+                });
+                let (mut parts, _) = resp.into_parts();
+                h::strip_hop_by_hop(&mut parts.headers, true);
+                return Ok(Response::from_parts(parts, body::empty()));
+            }
+            return Err(ProxyError::UpstreamProtocol(
+                "switched protocols without being asked".into(),
+            ));
+        }
+
+        // Respond.
+        let (mut parts, upstream_body) = resp.into_parts();
+        h::strip_hop_by_hop(&mut parts.headers, false);
+        self.session_headers(&mut parts.headers, presented, session.as_deref())
+            .await?;
+        Ok(Response::from_parts(parts, body::incoming(upstream_body)))
+    }
+
+    fn presented_token(&self, headers: &HeaderMap) -> Presented {
+        let bearer = h::bearer_token(headers);
+        let candidate = match bearer {
+            Some(b) if token::looks_like_token(b) => Some(b),
+            _ => h::find_cookie(headers, &self.config.session.cookie_name).or(bearer),
+        };
+        match candidate {
+            None => Presented::Nothing,
+            Some(text) => match self.token_key.verify(text) {
+                Ok(key) => Presented::Valid(key),
+                Err(_) => Presented::Malformed,
+            },
+        }
+    }
+
+    fn rewrite_request_headers(
+        &self,
+        headers: &mut HeaderMap,
+        uri: &http::Uri,
+        peer: SocketAddr,
+        request_id: &str,
+        upgrade: bool,
+    ) {
+        let session = &self.config.session;
+        h::strip_hop_by_hop(headers, upgrade);
+        // Whatever the client claims about identity or forwarding is dropped.
+        headers.remove(&session.user_header);
+        headers.remove(&session.session_header);
+        headers.remove(h::SG_LOGIN);
+        headers.remove(h::SG_ATTRIBUTES);
+        headers.remove(h::SG_LOGOUT);
+        if !session.forward_token {
+            h::remove_cookie(headers, &session.cookie_name);
+            if h::bearer_token(headers).is_some_and(token::looks_like_token) {
+                headers.remove(header::AUTHORIZATION);
+            }
+        }
+        let host = headers.get(header::HOST).cloned().or_else(|| {
+            uri.authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if let Some(host) = host {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+            // HTTP/2 requests carry the host in :authority only.
+            headers.entry(header::HOST).or_insert(host);
+        } else {
+            headers.remove(X_FORWARDED_HOST);
+        }
+        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            headers.insert(X_REQUEST_ID, v);
+        }
+    }
+
+    fn set_identity(&self, headers: &mut HeaderMap, session: &Session) {
+        let config = &self.config.session;
+        if let Ok(v) = HeaderValue::from_str(&session.user_id) {
+            headers.insert(config.user_header.clone(), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&session.id.to_string()) {
+            headers.insert(config.session_header.clone(), v);
+        }
+    }
+
+    /// Acts on `x-sessiongate-login` / `-attributes` / `-logout` in an
+    /// upstream response and removes them.
+    async fn session_headers(
+        &self,
+        headers: &mut HeaderMap,
+        presented: Presented,
+        session: Option<&Session>,
+    ) -> Result<(), ProxyError> {
+        let login = headers.remove(h::SG_LOGIN);
+        let attributes = headers.remove(h::SG_ATTRIBUTES);
+        let logout = headers.remove(h::SG_LOGOUT);
+        let presented_key = match presented {
+            Presented::Valid(key) => Some(key),
+            _ => None,
+        };
+
+        if let Some(logout) = logout {
+            match logout.as_bytes() {
+                b"current" => {
+                    if let Some(key) = presented_key {
+                        self.store.revoke(&key).await.map_err(store_down)?;
+                    }
+                }
+                b"all" => {
+                    let user = match (session, presented_key) {
+                        (Some(s), _) => Some(s.user_id.clone()),
+                        (None, Some(key)) => self
+                            .store
+                            .lookup(&key)
+                            .await
+                            .map_err(store_down)?
+                            .map(|s| s.user_id.clone()),
+                        (None, None) => None,
+                    };
+                    if let Some(user) = user {
+                        self.store.revoke_user(&user).await.map_err(store_down)?;
+                    }
+                }
+                other => {
+                    return Err(ProxyError::UpstreamProtocol(format!(
+                        "x-sessiongate-logout must be \"current\" or \"all\", not {:?}",
+                        String::from_utf8_lossy(other)
+                    )));
+                }
+            }
+            if login.is_none() {
+                headers.append(header::SET_COOKIE, self.cookie(None));
+            }
+        }
+
+        if let Some(login) = login {
+            let user_id = login
+                .to_str()
+                .map_err(|_| {
+                    ProxyError::UpstreamProtocol("x-sessiongate-login is not text".into())
+                })?
+                .to_string();
+            session::validate_user_id(&user_id)
+                .map_err(|m| ProxyError::UpstreamProtocol(format!("x-sessiongate-login {m}")))?;
+            let attributes = match attributes {
+                None => BTreeMap::new(),
+                Some(v) => parse_attributes(v.as_bytes())?,
+            };
+            // No fixation: the session the request came with ends here.
+            if let Some(key) = presented_key {
+                self.store.revoke(&key).await.map_err(store_down)?;
+            }
+            let (token, session) = self
+                .create_session(user_id, attributes)
+                .await
+                .map_err(store_down)?;
+            let max_age = session.remaining_ms(session::now_ms()) / 1000;
+            headers.append(header::SET_COOKIE, self.cookie(Some((&token, max_age))));
+        }
+        Ok(())
+    }
+
+    /// Creates a durable session for `user_id`; returns its token (the
+    /// only copy there will ever be) and the session.
+    pub async fn create_session(
+        &self,
+        user_id: String,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<(String, Arc<Session>), crate::store::StoreError> {
+        let (token, key) = self.token_key.issue();
+        let session = Session::new(user_id, attributes, self.config.session.default_ttl);
+        let session = self.store.create(&key, session).await?;
+        Ok((token, session))
+    }
+
+    /// A `Set-Cookie` value carrying `token` for `max_age` seconds, or
+    /// clearing the cookie.
+    fn cookie(&self, token: Option<(&str, i64)>) -> HeaderValue {
+        let s = &self.config.session;
+        let secure = if s.cookie_secure { "; Secure" } else { "" };
+        let (value, max_age) = token.unwrap_or(("", 0));
+        let text = format!(
+            "{}={value}; Path=/; HttpOnly; SameSite=Lax{secure}; Max-Age={max_age}",
+            s.cookie_name
+        );
+        HeaderValue::from_str(&text).expect("cookie names and tokens are header-safe")
+    }
+}
+
+fn store_down(e: crate::store::StoreError) -> ProxyError {
+    tracing::error!(error = %e, "session store write failed");
+    ProxyError::StoreUnavailable
+}
+
+fn parse_attributes(bytes: &[u8]) -> Result<BTreeMap<String, String>, ProxyError> {
+    let attributes: BTreeMap<String, String> = serde_json::from_slice(bytes).map_err(|e| {
+        ProxyError::UpstreamProtocol(format!(
+            "x-sessiongate-attributes must be a JSON object of strings: {e}"
+        ))
+    })?;
+    session::validate_attributes(&attributes)
+        .map_err(|m| ProxyError::UpstreamProtocol(format!("x-sessiongate-attributes: {m}")))?;
+    Ok(attributes)
+}
+
+/// The client's request id if it is a sane one, else a new UUID v7.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+fn accepts_html(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"))
+}
+
+fn login_redirect(location: &str) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::FOUND;
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+        assert_eq!(request_id(&HeaderMap::new()).len(), 36);
+    }
+
+    #[test]
+    fn attributes_must_be_an_object_of_strings() {
+        assert!(parse_attributes(br#"{"a":"b"}"#).is_ok());
+        assert!(parse_attributes(br#"{"a":1}"#).is_err());
+        assert!(parse_attributes(b"[]").is_err());
+        assert!(parse_attributes(b"nope").is_err());
+    }
+}

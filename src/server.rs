@@ -1,0 +1,313 @@
+//! Starting and stopping the gateway: stores, listeners, the connection
+//! cap, background tasks and graceful shutdown.
+//!
+//! [`start`] returns a [`RunningGateway`] bound to real sockets (port 0
+//! works, for tests); [`RunningGateway::shutdown`] stops accepting, lets
+//! in-flight requests finish within `server.shutdown_grace_ms`, and stops
+//! the background tasks. The binary calls [`run`], which does the same on
+//! SIGTERM or SIGINT.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::admin::Admin;
+use crate::body::Body;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::store::memory::MemoryTier;
+use crate::store::sqlite::SqliteTier;
+use crate::store::{DurableTier, SessionStore, StoreError};
+use crate::token::TokenKey;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot reach the {tier} store at {address}: {reason}")]
+    Store {
+        tier: &'static str,
+        address: String,
+        reason: String,
+    },
+    #[error("cannot listen on {address} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Rows deleted per statement by the expiry sweeper.
+const SWEEP_BATCH: u32 = 1_000;
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Opens the durable tier named by the config.
+pub async fn open_durable(config: &Config) -> Result<Arc<dyn DurableTier>, StartError> {
+    let url = &config.store.database_url;
+    let tier = SqliteTier::connect(url, config.store.max_connections)
+        .await
+        .map_err(|e| store_error("durable (sqlite)", config, e))?;
+    Ok(Arc::new(tier))
+}
+
+fn store_error(tier: &'static str, config: &Config, e: StoreError) -> StartError {
+    StartError::Store {
+        tier,
+        address: config.redacted_database_url(),
+        reason: e.to_string(),
+    }
+}
+
+/// Applies the durable store's migrations (`sessiongate migrate`).
+pub async fn migrate(config: &Config) -> Result<(), StartError> {
+    let durable = open_durable(config).await?;
+    durable
+        .migrate()
+        .await
+        .map_err(|e| store_error("durable", config, e))
+}
+
+/// A gateway serving on its listeners.
+pub struct RunningGateway {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    gateway: Arc<Gateway>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// The proxy listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Stops accepting, drains in-flight requests (up to the grace period)
+    /// and stops the background tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Starts the gateway described by `config`.
+pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+
+    let durable = open_durable(&config).await?;
+    if config.store.migrate {
+        durable
+            .migrate()
+            .await
+            .map_err(|e| store_error("durable", &config, e))?;
+    }
+    let fast = Arc::new(MemoryTier::new(config.store.memory_capacity));
+    let store = SessionStore::new(fast, durable.clone(), metrics.clone());
+
+    let secret = match &config.session.token_secret {
+        Some(secret) => secret.clone(),
+        None => durable
+            .secret("token_mac_key", &TokenKey::generate_secret())
+            .await
+            .map_err(|e| store_error("durable", &config, e))?,
+    };
+    let token_key = TokenKey::new(&secret);
+
+    let gateway = Arc::new(Gateway::new(
+        config.clone(),
+        store.clone(),
+        token_key,
+        metrics,
+    ));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let listener = bind(config.server.listen, "server.listen").await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        what: "server.listen",
+        address: config.server.listen,
+        source,
+    })?;
+
+    let mut admin_addr = None;
+    if let Some(admin_config) = &config.admin {
+        let admin_listener = bind(admin_config.listen, "admin.listen").await?;
+        admin_addr = admin_listener.local_addr().ok();
+        let admin = Arc::new(Admin::new(gateway.clone(), &admin_config.token));
+        tasks.push(tokio::spawn(serve(
+            admin_listener,
+            64,
+            config.server.shutdown_grace,
+            shutdown_rx.clone(),
+            move |req, _peer| admin.clone().handle(req),
+        )));
+    }
+
+    let proxy_gateway = gateway.clone();
+    tasks.push(tokio::spawn(serve(
+        listener,
+        config.server.max_connections,
+        config.server.shutdown_grace,
+        shutdown_rx.clone(),
+        move |req, peer| proxy_gateway.clone().handle(req, peer),
+    )));
+
+    tasks.push(tokio::spawn(sweeper(
+        store,
+        config.store.sweep_interval,
+        shutdown_rx,
+    )));
+
+    tracing::info!(
+        %addr,
+        admin = ?admin_addr,
+        durable = %config.redacted_database_url(),
+        "sessiongate is serving"
+    );
+    Ok(RunningGateway {
+        addr,
+        admin_addr,
+        gateway,
+        shutdown: shutdown_tx,
+        tasks,
+    })
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let running = start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn bind(address: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            address,
+            source,
+        })
+}
+
+/// Accepts connections until shutdown, at most `max_connections` at once,
+/// serving HTTP/1.1 (with upgrades) and cleartext HTTP/2 on each.
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    max_connections: usize,
+    grace: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        // Waiting for a permit before accepting leaves excess connections
+        // in the kernel's backlog instead of in our memory.
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let fut = handler(req, peer);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; closing remaining connections");
+        }
+    }
+}
+
+async fn sweeper(store: SessionStore, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        match store.sweep(SWEEP_BATCH).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(swept = n, "deleted expired sessions"),
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed; will retry"),
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The embedded durable tier: SQLite through sqlx.
+//!
+//! One file, opened in WAL mode so that readers do not wait for the
+//! writer; migrations from `migrations/sqlite` are compiled into the
+//! binary.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use uuid::Uuid;
+
+use super::{DurableTier, StoreError, StoreResult};
+use crate::session::{Session, now_ms};
+use crate::token::TokenHash;
+
+const TIER: &str = "sqlite";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+pub struct SqliteTier {
+    pool: SqlitePool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable {
+            tier: TIER,
+            message: e.to_string(),
+        },
+        other => StoreError::Backend {
+            tier: TIER,
+            message: other.to_string(),
+        },
+    }
+}
+
+fn corrupt(message: String) -> StoreError {
+    StoreError::Backend {
+        tier: TIER,
+        message,
+    }
+}
+
+impl SqliteTier {
+    /// Opens (creating if needed) the database at `url` (`sqlite://path`).
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<SqliteTier> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable {
+                tier: TIER,
+                message: format!("{url}: {e}"),
+            })?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Unavailable {
+                tier: TIER,
+                message: format!("cannot open {url}: {e}"),
+            })?;
+        Ok(SqliteTier { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+fn row_to_session(row: &sqlx::sqlite::SqliteRow) -> StoreResult<(TokenHash, Session)> {
+    let hash: Vec<u8> = row.try_get("token_hash").map_err(unavailable)?;
+    let key =
+        TokenHash::from_slice(&hash).ok_or_else(|| corrupt("bad token_hash length".into()))?;
+    let id: String = row.try_get("id").map_err(unavailable)?;
+    let attributes: String = row.try_get("attributes").map_err(unavailable)?;
+    let attributes: BTreeMap<String, String> = serde_json::from_str(&attributes)
+        .map_err(|e| corrupt(format!("session {id}: bad attributes: {e}")))?;
+    Ok((
+        key,
+        Session {
+            id: Uuid::parse_str(&id).map_err(|e| corrupt(format!("bad session id {id}: {e}")))?,
+            user_id: row.try_get("user_id").map_err(unavailable)?,
+            created_at: row.try_get("created_at").map_err(unavailable)?,
+            last_seen_at: row.try_get("last_seen_at").map_err(unavailable)?,
+            expires_at: row.try_get("expires_at").map_err(unavailable)?,
+            attributes,
+        },
+    ))
+}
+
+#[async_trait]
+impl DurableTier for SqliteTier {
+    fn kind(&self) -> &'static str {
+        TIER
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Backend {
+                tier: TIER,
+                message: format!("migration failed: {e}"),
+            })
+    }
+
+    async fn insert(&self, key: &TokenHash, session: &Session) -> StoreResult<()> {
+        let attributes = serde_json::to_string(&session.attributes)
+            .map_err(|e| corrupt(format!("attributes: {e}")))?;
+        sqlx::query(
+            "INSERT INTO sessions (token_hash, id, user_id, created_at, last_seen_at, expires_at, attributes) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(key.as_bytes().to_vec())
+        .bind(session.id.to_string())
+        .bind(session.user_id.clone())
+        .bind(session.created_at)
+        .bind(session.last_seen_at)
+        .bind(session.expires_at)
+        .bind(attributes)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &TokenHash) -> StoreResult<Option<Session>> {
+        let row = sqlx::query(
+            "SELECT token_hash, id, user_id, created_at, last_seen_at, expires_at, attributes \
+             FROM sessions WHERE token_hash = ?",
+        )
+        .bind(key.as_bytes().to_vec())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| row_to_session(&r).map(|(_, s)| s)).transpose()
+    }
+
+    async fn get_by_id(&self, id: Uuid) -> StoreResult<Option<(TokenHash, Session)>> {
+        let row = sqlx::query(
+            "SELECT token_hash, id, user_id, created_at, last_seen_at, expires_at, attributes \
+             FROM sessions WHERE id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| row_to_session(&r)).transpose()
+    }
+
+    async fn update_activity(
+        &self,
+        key: &TokenHash,
+        last_seen_at: i64,
+        expires_at: i64,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE sessions SET last_seen_at = MAX(last_seen_at, ?), expires_at = ? \
+             WHERE token_hash = ?",
+        )
+        .bind(last_seen_at)
+        .bind(expires_at)
+        .bind(key.as_bytes().to_vec())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn delete(&self, key: &TokenHash) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM sessions WHERE token_hash = ?")
+            .bind(key.as_bytes().to_vec())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn delete_by_id(&self, id: Uuid) -> StoreResult<Option<TokenHash>> {
+        let row = sqlx::query("DELETE FROM sessions WHERE id = ? RETURNING token_hash")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        match row {
+            Some(r) => {
+                let hash: Vec<u8> = r.try_get("token_hash").map_err(unavailable)?;
+                Ok(Some(
+                    TokenHash::from_slice(&hash)
+                        .ok_or_else(|| corrupt("bad token_hash length".into()))?,
+                ))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn list_user(&self, user_id: &str, now: i64) -> StoreResult<Vec<(TokenHash, Session)>> {
+        let rows = sqlx::query(
+            "SELECT token_hash, id, user_id, created_at, last_seen_at, expires_at, attributes \
+             FROM sessions WHERE user_id = ? AND expires_at > ? \
+             ORDER BY created_at DESC, id DESC",
+        )
+        .bind(user_id.to_string())
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(row_to_session).collect()
+    }
+
+    async fn delete_user(&self, user_id: &str) -> StoreResult<Vec<TokenHash>> {
+        let rows = sqlx::query("DELETE FROM sessions WHERE user_id = ? RETURNING token_hash")
+            .bind(user_id.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                let hash: Vec<u8> = r.try_get("token_hash").map_err(unavailable)?;
+                TokenHash::from_slice(&hash).ok_or_else(|| corrupt("bad token_hash length".into()))
+            })
+            .collect()
+    }
+
+    async fn sweep_expired(&self, now: i64, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE token_hash IN \
+             (SELECT token_hash FROM sessions WHERE expires_at <= ? LIMIT ?)",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn secret(&self, name: &str, fresh: &[u8]) -> StoreResult<Vec<u8>> {
+        sqlx::query(
+            "INSERT INTO gateway_secrets (name, value, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name.to_string())
+        .bind(fresh.to_vec())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let row = sqlx::query("SELECT value FROM gateway_secrets WHERE name = ?")
+            .bind(name.to_string())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.try_get("value").map_err(unavailable)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
