@@ -377,7 +377,8 @@ impl Gateway {
                 .create_session(user_id, attributes)
                 .await
                 .map_err(store_down)?;
-            let max_age = session.remaining_ms(session::now_ms()) / 1000;
+            // Rounded up: a cookie that dies a second early logs users out early.
+            let max_age = (session.remaining_ms(session::now_ms()) + 999) / 1000;
             headers.append(header::SET_COOKIE, self.cookie(Some((&token, max_age))));
         }
         Ok(())
