@@ -107,6 +107,14 @@ struct RawStore {
     memory_capacity: Option<u64>,
     sweep_interval_seconds: Option<u64>,
     max_connections: Option<u32>,
+    min_connections: Option<u32>,
+    connect_timeout_ms: Option<u64>,
+    redis_prefix: Option<String>,
+    redis_timeout_ms: Option<u64>,
+    redis_retry_ms: Option<u64>,
+    activity_flush_ms: Option<u64>,
+    negative_cache_capacity: Option<u64>,
+    negative_cache_ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +127,7 @@ struct RawSession {
     default_ttl_seconds: Option<u64>,
     forward_token: Option<bool>,
     token_secret: Option<String>,
+    touch_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,7 +217,21 @@ pub struct StoreConfig {
     /// Entries kept by the in-process fast tier before the least used go.
     pub memory_capacity: u64,
     pub sweep_interval: Duration,
+    /// Durable store pool size, and connections kept open when idle.
     pub max_connections: u32,
+    pub min_connections: u32,
+    /// How long a request waits for a durable connection before 503.
+    pub connect_timeout: Duration,
+    /// Prefix of every Redis key, so several deployments can share a Redis.
+    pub redis_prefix: String,
+    /// Redis connect and command timeout.
+    pub redis_timeout: Duration,
+    /// How often an unreachable Redis is retried.
+    pub redis_retry: Duration,
+    /// How often coalesced activity is written to the durable tier.
+    pub activity_flush: Duration,
+    pub negative_cache_capacity: u64,
+    pub negative_cache_ttl: Duration,
 }
 
 #[derive(Clone)]
@@ -223,6 +246,8 @@ pub struct SessionConfig {
     pub forward_token: bool,
     /// Key for the token MAC; when absent it is kept in the durable store.
     pub token_secret: Option<Vec<u8>>,
+    /// A session's `last_seen_at` is updated at most this often.
+    pub touch_interval: Duration,
 }
 
 impl fmt::Debug for SessionConfig {
@@ -389,21 +414,12 @@ impl Config {
                 "store.database_url",
                 "must start with sqlite:// (embedded) or postgres://",
             );
-        } else if database_url.starts_with("postgres") {
-            v.problem(
-                "store.database_url",
-                "the PostgreSQL durable tier is not available in this build yet; use sqlite://",
-            );
         }
-        if let Some(url) = &raw.store.redis_url {
-            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
-                v.problem("store.redis_url", "must start with redis:// or rediss://");
-            } else {
-                v.problem(
-                    "store.redis_url",
-                    "the Redis fast tier is not available in this build yet; remove the key to use the in-process tier",
-                );
-            }
+        if let Some(url) = &raw.store.redis_url
+            && !url.starts_with("redis://")
+            && !url.starts_with("rediss://")
+        {
+            v.problem("store.redis_url", "must start with redis:// or rediss://");
         }
         let local_cache_ttl_ms = raw.store.local_cache_ttl_ms.unwrap_or(0);
         if local_cache_ttl_ms > 0 && raw.store.redis_url.is_none() {
@@ -432,7 +448,48 @@ impl Config {
                 raw.store.max_connections.map(u64::from),
                 8,
             ) as u32,
+            min_connections: raw.store.min_connections.unwrap_or(0),
+            connect_timeout: Duration::from_millis(v.positive(
+                "store.connect_timeout_ms",
+                raw.store.connect_timeout_ms,
+                2_000,
+            )),
+            redis_prefix: raw
+                .store
+                .redis_prefix
+                .unwrap_or_else(|| "sessiongate:".into()),
+            redis_timeout: Duration::from_millis(v.positive(
+                "store.redis_timeout_ms",
+                raw.store.redis_timeout_ms,
+                250,
+            )),
+            redis_retry: Duration::from_millis(v.positive(
+                "store.redis_retry_ms",
+                raw.store.redis_retry_ms,
+                1_000,
+            )),
+            activity_flush: Duration::from_millis(v.positive(
+                "store.activity_flush_ms",
+                raw.store.activity_flush_ms,
+                1_000,
+            )),
+            negative_cache_capacity: v.positive(
+                "store.negative_cache_capacity",
+                raw.store.negative_cache_capacity,
+                100_000,
+            ),
+            negative_cache_ttl: Duration::from_millis(v.positive(
+                "store.negative_cache_ttl_ms",
+                raw.store.negative_cache_ttl_ms,
+                10_000,
+            )),
         };
+        if store.min_connections > store.max_connections {
+            v.problem(
+                "store.min_connections",
+                "must not exceed store.max_connections",
+            );
+        }
 
         let cookie_name = raw
             .session
@@ -488,6 +545,7 @@ impl Config {
             default_ttl: Duration::from_secs(ttl),
             forward_token: raw.session.forward_token.unwrap_or(false),
             token_secret,
+            touch_interval: Duration::from_secs(raw.session.touch_interval_seconds.unwrap_or(60)),
         };
 
         let format = match raw.log.format.as_deref().unwrap_or("text") {

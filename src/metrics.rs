@@ -48,6 +48,9 @@ pub struct Metrics {
     pub auth_rejections: Family<ReasonLabels, Counter>,
     pub upstream_errors: Family<ReasonLabels, Counter>,
     pub sessions_swept: Counter,
+    pub durable_queries: Counter,
+    pub activity_flushed: Counter,
+    pub fast_deletes_deferred: Counter,
 }
 
 impl Default for Metrics {
@@ -69,6 +72,24 @@ impl Metrics {
         let auth_rejections = Family::<ReasonLabels, Counter>::default();
         let upstream_errors = Family::<ReasonLabels, Counter>::default();
         let sessions_swept = Counter::default();
+        let durable_queries = Counter::default();
+        let activity_flushed = Counter::default();
+        let fast_deletes_deferred = Counter::default();
+        registry.register(
+            "durable_lookup_queries",
+            "Session lookups that reached the durable tier (after miss coalescing)",
+            durable_queries.clone(),
+        );
+        registry.register(
+            "activity_flushed",
+            "Session activity records written to the durable tier by the background writer",
+            activity_flushed.clone(),
+        );
+        registry.register(
+            "fast_revocations_deferred",
+            "Revocations the fast tier could not take at once (replayed when it recovers)",
+            fast_deletes_deferred.clone(),
+        );
         registry.register(
             "requests",
             "Proxied requests by route and response status",
@@ -119,6 +140,9 @@ impl Metrics {
             auth_rejections,
             upstream_errors,
             sessions_swept,
+            durable_queries,
+            activity_flushed,
+            fast_deletes_deferred,
         }
     }
 

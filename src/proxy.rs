@@ -178,6 +178,9 @@ impl Gateway {
         if route.auth == AuthMode::Required && session.is_none() {
             return Err(ProxyError::InvalidSession);
         }
+        if let (Some(s), Presented::Valid(key)) = (&session, presented) {
+            self.note_activity(&key, s).await;
+        }
 
         // Rewrite.
         let upgrade = h::is_upgrade_request(req.headers());
@@ -237,6 +240,18 @@ impl Gateway {
         self.session_headers(&mut parts.headers, presented, session.as_deref())
             .await?;
         Ok(Response::from_parts(parts, body::incoming(upstream_body)))
+    }
+
+    /// Keeps `last_seen_at` current to within `session.touch_interval`,
+    /// so that most requests cause no write at all.
+    async fn note_activity(&self, key: &TokenHash, session: &Session) {
+        let now = session::now_ms();
+        let interval = self.config.session.touch_interval.as_millis() as i64;
+        if now - session.last_seen_at >= interval {
+            let mut updated = session.clone();
+            updated.last_seen_at = now;
+            self.store.record_activity(key, updated).await;
+        }
     }
 
     fn presented_token(&self, headers: &HeaderMap) -> Presented {

@@ -25,12 +25,15 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::body::Body;
-use crate::config::Config;
+use crate::config::{Config, redact_url};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
+use crate::store::layered::LayeredTier;
 use crate::store::memory::MemoryTier;
+use crate::store::postgres::{PoolSettings, PostgresTier};
+use crate::store::redis::RedisTier;
 use crate::store::sqlite::SqliteTier;
-use crate::store::{DurableTier, SessionStore, StoreError};
+use crate::store::{DurableTier, FastTier, SessionStore, StoreError, StoreOptions};
 use crate::token::TokenKey;
 
 /// Why the gateway could not start.
@@ -55,13 +58,53 @@ const SWEEP_BATCH: u32 = 1_000;
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Opens the durable tier named by the config.
+/// Opens the durable tier named by the config: SQLite or PostgreSQL.
 pub async fn open_durable(config: &Config) -> Result<Arc<dyn DurableTier>, StartError> {
     let url = &config.store.database_url;
-    let tier = SqliteTier::connect(url, config.store.max_connections)
-        .await
-        .map_err(|e| store_error("durable (sqlite)", config, e))?;
-    Ok(Arc::new(tier))
+    let store = &config.store;
+    if url.starts_with("postgres") {
+        let settings = PoolSettings {
+            max_connections: store.max_connections,
+            min_connections: store.min_connections,
+            acquire_timeout: store.connect_timeout,
+            idle_timeout: Duration::from_secs(300),
+        };
+        let tier = PostgresTier::connect(url, &settings)
+            .await
+            .map_err(|e| store_error("durable (postgres)", config, e))?;
+        Ok(Arc::new(tier))
+    } else {
+        let tier = SqliteTier::connect(url, store.max_connections)
+            .await
+            .map_err(|e| store_error("durable (sqlite)", config, e))?;
+        Ok(Arc::new(tier))
+    }
+}
+
+/// Opens the fast tier named by the config: Redis (optionally behind an
+/// in-process cache) or the in-process tier.
+pub fn open_fast(config: &Config) -> Result<Arc<dyn FastTier>, StartError> {
+    let store = &config.store;
+    let Some(url) = &store.redis_url else {
+        return Ok(Arc::new(MemoryTier::new(store.memory_capacity)));
+    };
+    let redis = RedisTier::connect(url, &store.redis_prefix, store.redis_timeout).map_err(|e| {
+        StartError::Store {
+            tier: "fast (redis)",
+            address: redact_url(url),
+            reason: e.to_string(),
+        }
+    })?;
+    let redis: Arc<dyn FastTier> = Arc::new(redis);
+    if store.local_cache_ttl.is_zero() {
+        Ok(redis)
+    } else {
+        Ok(Arc::new(LayeredTier::new(
+            redis,
+            store.local_cache_ttl,
+            store.memory_capacity,
+        )))
+    }
 }
 
 fn store_error(tier: &'static str, config: &Config, e: StoreError) -> StartError {
@@ -81,6 +124,40 @@ pub async fn migrate(config: &Config) -> Result<(), StartError> {
         .map_err(|e| store_error("durable", config, e))
 }
 
+/// Builds the hybrid store from the config (migrating if configured).
+pub async fn open_store(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<SessionStore, StartError> {
+    let durable = open_durable(config).await?;
+    if config.store.migrate {
+        durable
+            .migrate()
+            .await
+            .map_err(|e| store_error("durable", config, e))?;
+    }
+    let fast = open_fast(config)?;
+    let options = StoreOptions {
+        negative_cache_capacity: config.store.negative_cache_capacity,
+        negative_cache_ttl: config.store.negative_cache_ttl,
+        fast_retry_interval: config.store.redis_retry,
+        activity_flush_interval: config.store.activity_flush,
+    };
+    let store = SessionStore::with_options(fast, durable, metrics, options);
+    if let Some(url) = &config.store.redis_url {
+        // Redis may hold data from before this process: trust it only once
+        // the revocation log has been replayed into it.
+        store.distrust_fast();
+        if !store.recover_fast().await {
+            tracing::warn!(
+                address = %redact_url(url),
+                "Redis is unreachable at start; serving from the durable tier until it answers"
+            );
+        }
+    }
+    Ok(store)
+}
+
 /// A gateway serving on its listeners.
 pub struct RunningGateway {
     addr: SocketAddr,
@@ -88,6 +165,10 @@ pub struct RunningGateway {
     gateway: Arc<Gateway>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Stopped after the listeners have drained, so the final activity
+    /// flush sees the last requests' activity.
+    maintenance_shutdown: watch::Sender<bool>,
+    maintenance: Vec<JoinHandle<()>>,
 }
 
 impl RunningGateway {
@@ -112,6 +193,10 @@ impl RunningGateway {
         for task in self.tasks {
             let _ = task.await;
         }
+        let _ = self.maintenance_shutdown.send(true);
+        for task in self.maintenance {
+            let _ = task.await;
+        }
     }
 }
 
@@ -120,15 +205,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
 
-    let durable = open_durable(&config).await?;
-    if config.store.migrate {
-        durable
-            .migrate()
-            .await
-            .map_err(|e| store_error("durable", &config, e))?;
-    }
-    let fast = Arc::new(MemoryTier::new(config.store.memory_capacity));
-    let store = SessionStore::new(fast, durable.clone(), metrics.clone());
+    let store = open_store(&config, metrics.clone()).await?;
+    let durable = store.durable().clone();
 
     let secret = match &config.session.token_secret {
         Some(secret) => secret.clone(),
@@ -178,11 +256,15 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         move |req, peer| proxy_gateway.clone().handle(req, peer),
     )));
 
-    tasks.push(tokio::spawn(sweeper(
-        store,
-        config.store.sweep_interval,
-        shutdown_rx,
-    )));
+    let (maintenance_tx, maintenance_rx) = watch::channel(false);
+    let maintenance = vec![
+        tokio::spawn(sweeper(
+            store.clone(),
+            config.store.sweep_interval,
+            maintenance_rx.clone(),
+        )),
+        tokio::spawn(async move { store.maintain(maintenance_rx).await }),
+    ];
 
     tracing::info!(
         %addr,
@@ -196,6 +278,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         gateway,
         shutdown: shutdown_tx,
         tasks,
+        maintenance_shutdown: maintenance_tx,
+        maintenance,
     })
 }
 

@@ -3,33 +3,81 @@
 //! Two roles, each a trait with one implementation per backend:
 //!
 //! * [`FastTier`] — answers most lookups: the in-process [`memory`] tier by
-//!   default (Redis in a shared deployment). It may forget anything at any
-//!   time; it is a cache of the durable tier, never the only copy.
-//! * [`DurableTier`] — the truth: [`sqlite`] by default (PostgreSQL in a
-//!   shared deployment). Every session lives here first.
+//!   default, [`redis`] in a shared deployment. It may forget anything at
+//!   any time; it is a cache of the durable tier, never the only copy.
+//! * [`DurableTier`] — the truth: [`sqlite`] by default, [`postgres`] in a
+//!   shared deployment. Every session lives here first.
 //!
-//! [`SessionStore`] composes the two and implements the contract's
-//! semantics once, for every pair of tiers:
+//! [`SessionStore`] composes the two and implements the semantics once,
+//! for every pair of tiers:
 //!
 //! * **lookup**: the fast tier; on a miss the durable tier, and a live
 //!   session found there is restored into the fast tier with its remaining
-//!   lifetime. A fast tier that errors is skipped (counted), so a broken
-//!   cache costs speed, not availability.
-//! * **create / update**: the durable tier first, then the fast tier. A
-//!   session is handed out only once it is durable.
-//! * **revoke**: the durable tier first, then the fast tier, and the call
-//!   returns only when both are done, so that "revoked" is never said of a
-//!   session the fast tier would still accept.
+//!   lifetime. Concurrent misses for one token share one durable query
+//!   (miss coalescing), and tokens the durable tier does not know are
+//!   remembered for a while in a bounded negative cache.
+//! * **create**: the durable tier first, then the fast tier. A session is
+//!   handed out only once it is durable.
+//! * **activity** (last seen, a later expiry): the fast tier at once, the
+//!   durable tier coalesced by a background writer every
+//!   `store.activity_flush_ms` and at shutdown. The window: if the process
+//!   dies, up to one interval of activity is lost from the durable tier
+//!   (the fast tier has it, Redis across a restart too); a session then
+//!   looks idle for up to that long more than it was. Nothing is granted
+//!   that was not: an expiry is only ever extended by policy.
+//! * **revoke**: the durable tier first, then a tombstone in the fast tier,
+//!   and the call returns only when both are done — or when the fast
+//!   tier's part is safely recorded, below.
+//!
+//! # When the fast tier fails
+//!
+//! Any fast-tier error marks it *untrusted*: lookups skip it (no request
+//! waits out a Redis timeout more than once per retry interval) and are
+//! answered by the durable tier; logins and revocations keep working. Every
+//! revocation is logged in the durable tier (`revocations`, kept until the
+//! revoked session would have expired) before the fast tier is told. The
+//! maintenance loop ([`SessionStore::maintain`]) pings an untrusted fast
+//! tier every `store.redis_retry_ms`; when it answers, the whole log is
+//! replayed into it, and only then is it trusted again. So a Redis that
+//! comes back — even one restarted from an append-only file holding
+//! sessions revoked meanwhile, or one that lost a tombstone in its fsync
+//! window — never serves a revoked session. The loop also watches Redis's
+//! `run_id`, so a restart that no request noticed is treated the same way,
+//! and a gateway starts with its Redis untrusted until the log is replayed.
+//!
+//! One window remains: under a partial partition where instance A cannot
+//! reach Redis but instance B can, B may serve a session A revoked until A
+//! can reach Redis again and replays its record. Sessions created meanwhile
+//! are durable and restored on first lookup: nothing is lost.
+//!
+//! # When the durable tier fails
+//!
+//! Sessions in the fast tier keep working (reads and activity refreshes are
+//! served there; the activity writer retries); creating or revoking a
+//! session fails with [`StoreError::Unavailable`] (the gateway answers
+//! 503): a session that is not durable is never handed out. The sqlx pool
+//! reconnects by itself when the database returns.
 //!
 //! Backend errors are converted into [`StoreError`] at each backend's edge:
-//! no `sqlx` or driver type leaves its module.
+//! no `sqlx` or `redis` type leaves its module.
 
+pub mod codec;
+pub mod layered;
 pub mod memory;
+pub mod postgres;
+pub mod redis;
 pub mod sqlite;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
+use futures_util::future::Shared;
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
@@ -49,16 +97,40 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The fast tier: a cache of live sessions keyed by token hash.
+/// What the fast tier knows of a token.
+#[derive(Debug, Clone)]
+pub enum Cached {
+    Miss,
+    Live(Arc<Session>),
+    /// Revoked: no need to ask the durable tier.
+    Revoked,
+}
+
+/// The fast tier: a cache of live sessions (and revocation tombstones)
+/// keyed by token hash.
 #[async_trait]
 pub trait FastTier: Send + Sync + 'static {
     /// A short name for logs, metrics and `/readyz` (`memory`, `redis`).
     fn kind(&self) -> &'static str;
-    async fn get(&self, key: &TokenHash) -> StoreResult<Option<Arc<Session>>>;
-    /// Stores `session` until its `expires_at`.
+    async fn get(&self, key: &TokenHash) -> StoreResult<Cached>;
+    /// Stores a new session until its `expires_at`.
     async fn put(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()>;
+    /// Stores a session read from the durable tier, unless the key already
+    /// holds anything (a fresher copy or a tombstone).
+    async fn restore(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()>;
+    /// Replaces a live session's record; does nothing if the key holds no
+    /// live session (so a revocation is never undone).
+    async fn refresh(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()>;
+    /// Marks sessions revoked until the given expiry times.
+    async fn revoke(&self, entries: &[(TokenHash, i64)]) -> StoreResult<()>;
+    /// Forgets keys entirely.
     async fn remove(&self, keys: &[TokenHash]) -> StoreResult<()>;
     async fn ping(&self) -> StoreResult<()>;
+    /// An id that changes when the backing server restarts (Redis's
+    /// `run_id`), if there is one.
+    async fn instance_id(&self) -> StoreResult<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// The durable tier: every session, keyed by token hash, findable by id and user.
@@ -77,19 +149,52 @@ pub trait DurableTier: Send + Sync + 'static {
         last_seen_at: i64,
         expires_at: i64,
     ) -> StoreResult<bool>;
-    /// Deletes one session; false when there was none.
-    async fn delete(&self, key: &TokenHash) -> StoreResult<bool>;
-    async fn delete_by_id(&self, id: Uuid) -> StoreResult<Option<TokenHash>>;
+    /// Deletes one session; returns its expiry if there was one.
+    async fn delete(&self, key: &TokenHash) -> StoreResult<Option<i64>>;
+    async fn delete_by_id(&self, id: Uuid) -> StoreResult<Option<(TokenHash, i64)>>;
     /// Live sessions of a user, newest first.
     async fn list_user(&self, user_id: &str, now: i64) -> StoreResult<Vec<(TokenHash, Session)>>;
-    /// Deletes every session of a user and returns their keys.
-    async fn delete_user(&self, user_id: &str) -> StoreResult<Vec<TokenHash>>;
-    /// Deletes at most `limit` sessions that expired before `now`.
+    /// Deletes every session of a user; returns their keys and expiries.
+    async fn delete_user(&self, user_id: &str) -> StoreResult<Vec<(TokenHash, i64)>>;
+    /// Deletes at most `limit` sessions that expired before `now` (and
+    /// logged revocations that no longer matter).
     async fn sweep_expired(&self, now: i64, limit: u32) -> StoreResult<u64>;
     /// The stored secret named `name`, stored as `fresh` if there is none
     /// yet; every instance sharing the store agrees on the result.
     async fn secret(&self, name: &str, fresh: &[u8]) -> StoreResult<Vec<u8>>;
+    /// Logs revocations (key, the session's expiry) until they expire.
+    async fn record_revocations(&self, entries: &[(TokenHash, i64)]) -> StoreResult<()>;
+    /// Unexpired logged revocations with keys after `after`, in key order.
+    async fn revocations(
+        &self,
+        after: Option<TokenHash>,
+        now: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<TokenHash>>;
     async fn ping(&self) -> StoreResult<()>;
+}
+
+/// Tuning of the composition; the defaults suit most deployments.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Unknown tokens remembered, and for how long.
+    pub negative_cache_capacity: u64,
+    pub negative_cache_ttl: Duration,
+    /// How often an untrusted fast tier is retried.
+    pub fast_retry_interval: Duration,
+    /// How often coalesced activity is written to the durable tier.
+    pub activity_flush_interval: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            negative_cache_capacity: 100_000,
+            negative_cache_ttl: Duration::from_secs(10),
+            fast_retry_interval: Duration::from_secs(1),
+            activity_flush_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// The state of one tier for `/readyz`.
@@ -102,13 +207,30 @@ pub struct TierHealth {
     pub error: Option<String>,
 }
 
-/// The hybrid composition. Cheap to clone.
-#[derive(Clone)]
-pub struct SessionStore {
+type DurableLookup = Shared<Pin<Box<dyn Future<Output = StoreResult<Option<Session>>> + Send>>>;
+
+struct Inner {
     fast: Arc<dyn FastTier>,
     durable: Arc<dyn DurableTier>,
     metrics: Arc<Metrics>,
+    options: StoreOptions,
+    /// False from a fast-tier error until the recorded revocations are replayed.
+    fast_trusted: AtomicBool,
+    fast_instance: Mutex<Option<String>>,
+    negative: moka::sync::Cache<TokenHash, ()>,
+    inflight: Mutex<HashMap<TokenHash, DurableLookup>>,
+    /// Activity not yet written to the durable tier: last seen, expiry.
+    activity: Mutex<HashMap<TokenHash, (i64, i64)>>,
 }
+
+/// The hybrid composition. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionStore {
+    inner: Arc<Inner>,
+}
+
+/// How many pending revocations are replayed per round trip.
+const REPLAY_BATCH: u32 = 1_000;
 
 impl SessionStore {
     pub fn new(
@@ -116,96 +238,289 @@ impl SessionStore {
         durable: Arc<dyn DurableTier>,
         metrics: Arc<Metrics>,
     ) -> SessionStore {
+        Self::with_options(fast, durable, metrics, StoreOptions::default())
+    }
+
+    /// A store whose fast tier starts trusted: call
+    /// [`SessionStore::recover_fast`] first when the fast tier may hold
+    /// data from before (Redis).
+    pub fn with_options(
+        fast: Arc<dyn FastTier>,
+        durable: Arc<dyn DurableTier>,
+        metrics: Arc<Metrics>,
+        options: StoreOptions,
+    ) -> SessionStore {
+        let negative = moka::sync::Cache::builder()
+            .max_capacity(options.negative_cache_capacity)
+            .time_to_live(options.negative_cache_ttl)
+            .build();
         SessionStore {
-            fast,
-            durable,
-            metrics,
+            inner: Arc::new(Inner {
+                fast,
+                durable,
+                metrics,
+                options,
+                fast_trusted: AtomicBool::new(true),
+                fast_instance: Mutex::new(None),
+                negative,
+                inflight: Mutex::new(HashMap::new()),
+                activity: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
     pub fn durable(&self) -> &Arc<dyn DurableTier> {
-        &self.durable
+        &self.inner.durable
     }
 
     pub fn fast(&self) -> &Arc<dyn FastTier> {
-        &self.fast
+        &self.inner.fast
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Whether lookups currently use the fast tier.
+    pub fn fast_trusted(&self) -> bool {
+        self.inner.fast_trusted.load(Ordering::Acquire)
+    }
+
+    fn fast_failed(&self, what: &str, e: &StoreError) {
+        self.inner.metrics.lookup("fast", "error");
+        if self.inner.fast_trusted.swap(false, Ordering::AcqRel) {
+            tracing::warn!(error = %e, operation = what,
+                "fast tier failed; serving from the durable tier until it recovers");
+        }
     }
 
     /// The live session for `key`, if any.
     pub async fn lookup(&self, key: &TokenHash) -> StoreResult<Option<Arc<Session>>> {
+        let inner = &self.inner;
         let now = now_ms();
-        match self.fast.get(key).await {
-            Ok(Some(session)) if session.is_live(now) => {
-                self.metrics.lookup("fast", "hit");
-                return Ok(Some(session));
+        if self.fast_trusted() {
+            match inner.fast.get(key).await {
+                Ok(Cached::Live(session)) if session.is_live(now) => {
+                    inner.metrics.lookup("fast", "hit");
+                    return Ok(Some(session));
+                }
+                Ok(Cached::Revoked) => {
+                    inner.metrics.lookup("fast", "revoked");
+                    return Ok(None);
+                }
+                Ok(_) => inner.metrics.lookup("fast", "miss"),
+                Err(e) => self.fast_failed("lookup", &e),
             }
-            Ok(_) => self.metrics.lookup("fast", "miss"),
-            Err(e) => {
-                self.metrics.lookup("fast", "error");
-                tracing::warn!(error = %e, "fast tier lookup failed; asking the durable tier");
-            }
+        } else {
+            inner.metrics.lookup("fast", "skipped");
         }
-        let found = match self.durable.get(key).await {
+        if inner.negative.contains_key(key) {
+            inner.metrics.lookup("negative_cache", "hit");
+            return Ok(None);
+        }
+        let found = match self.coalesced_durable_get(key).await {
             Ok(found) => found,
             Err(e) => {
-                self.metrics.lookup("durable", "error");
+                inner.metrics.lookup("durable", "error");
                 return Err(e);
             }
         };
         match found {
             Some(session) if session.is_live(now) => {
-                self.metrics.lookup("durable", "hit");
+                inner.metrics.lookup("durable", "hit");
                 let session = Arc::new(session);
-                if let Err(e) = self.fast.put(key, session.clone()).await {
-                    tracing::warn!(error = %e, "could not restore a session into the fast tier");
+                if self.fast_trusted()
+                    && let Err(e) = inner.fast.restore(key, session.clone()).await
+                {
+                    self.fast_failed("restore", &e);
                 }
                 Ok(Some(session))
             }
             _ => {
-                self.metrics.lookup("durable", "miss");
+                inner.metrics.lookup("durable", "miss");
+                inner.negative.insert(*key, ());
                 Ok(None)
             }
         }
     }
 
+    /// One durable query per key at a time: concurrent callers share it.
+    async fn coalesced_durable_get(&self, key: &TokenHash) -> StoreResult<Option<Session>> {
+        let lookup = {
+            let mut inflight = self.inner.inflight.lock().expect("inflight lock");
+            if let Some(existing) = inflight.get(key) {
+                existing.clone()
+            } else {
+                let durable = self.inner.durable.clone();
+                let metrics = self.inner.metrics.clone();
+                let k = *key;
+                let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+                    metrics.durable_queries.inc();
+                    durable.get(&k).await
+                });
+                let shared = fut.shared();
+                inflight.insert(*key, shared.clone());
+                shared
+            }
+        };
+        let result = lookup.clone().await;
+        let mut inflight = self.inner.inflight.lock().expect("inflight lock");
+        if inflight
+            .get(key)
+            .is_some_and(|current| current.ptr_eq(&lookup))
+        {
+            inflight.remove(key);
+        }
+        result
+    }
+
     /// Stores a new session; it is durable when this returns.
     pub async fn create(&self, key: &TokenHash, session: Session) -> StoreResult<Arc<Session>> {
-        self.durable.insert(key, &session).await?;
+        let inner = &self.inner;
+        inner.durable.insert(key, &session).await?;
+        inner.negative.invalidate(key);
         let session = Arc::new(session);
-        if let Err(e) = self.fast.put(key, session.clone()).await {
+        if self.fast_trusted()
+            && let Err(e) = inner.fast.put(key, session.clone()).await
+        {
             // The durable copy is the truth and a later lookup restores it.
-            tracing::warn!(error = %e, "could not cache a new session in the fast tier");
+            self.fast_failed("create", &e);
         }
-        self.metrics.sessions_created.inc();
+        inner.metrics.sessions_created.inc();
         Ok(session)
     }
 
-    /// Records activity on a session (last seen, possibly a later expiry).
-    pub async fn touch(&self, key: &TokenHash, session: Session) -> StoreResult<Arc<Session>> {
-        self.durable
+    /// Writes a changed session (a policy's new expiry) to both tiers now.
+    pub async fn update(&self, key: &TokenHash, session: Session) -> StoreResult<Arc<Session>> {
+        let inner = &self.inner;
+        inner
+            .durable
             .update_activity(key, session.last_seen_at, session.expires_at)
             .await?;
         let session = Arc::new(session);
-        self.fast.put(key, session.clone()).await?;
+        if self.fast_trusted()
+            && let Err(e) = inner.fast.refresh(key, session.clone()).await
+        {
+            self.fast_failed("update", &e);
+        }
         Ok(session)
+    }
+
+    /// Records activity: the fast tier now, the durable tier within one
+    /// flush interval.
+    pub async fn record_activity(&self, key: &TokenHash, session: Session) {
+        let inner = &self.inner;
+        {
+            let mut pending = inner.activity.lock().expect("activity lock");
+            let entry = pending
+                .entry(*key)
+                .or_insert((session.last_seen_at, session.expires_at));
+            entry.0 = entry.0.max(session.last_seen_at);
+            entry.1 = session.expires_at;
+        }
+        if self.fast_trusted()
+            && let Err(e) = inner.fast.refresh(key, Arc::new(session)).await
+        {
+            self.fast_failed("activity", &e);
+        }
+    }
+
+    /// Writes pending activity to the durable tier; what fails stays
+    /// pending for the next flush.
+    pub async fn flush_activity(&self) -> StoreResult<usize> {
+        let batch: Vec<(TokenHash, (i64, i64))> = {
+            let mut pending = self.inner.activity.lock().expect("activity lock");
+            pending.drain().collect()
+        };
+        let mut written = 0;
+        let mut failed = None;
+        let mut rest = Vec::new();
+        for (key, (seen, expires)) in batch {
+            if failed.is_some() {
+                rest.push((key, (seen, expires)));
+                continue;
+            }
+            match self
+                .inner
+                .durable
+                .update_activity(&key, seen, expires)
+                .await
+            {
+                Ok(_) => written += 1,
+                Err(e) => {
+                    rest.push((key, (seen, expires)));
+                    failed = Some(e);
+                }
+            }
+        }
+        if !rest.is_empty() {
+            let mut pending = self.inner.activity.lock().expect("activity lock");
+            for (key, (seen, expires)) in rest {
+                // A newer record made meanwhile wins.
+                pending.entry(key).or_insert((seen, expires));
+            }
+        }
+        self.inner.metrics.activity_flushed.inc_by(written as u64);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
+    }
+
+    /// Logs revocations in the durable tier and applies them to the fast
+    /// tier; if the fast tier cannot take them, the log is replayed into it
+    /// before it is trusted again.
+    async fn revoke_in_fast(&self, entries: Vec<(TokenHash, i64)>) -> StoreResult<()> {
+        let inner = &self.inner;
+        inner.durable.record_revocations(&entries).await?;
+        for (key, _) in &entries {
+            inner.negative.insert(*key, ());
+        }
+        {
+            let mut pending = inner.activity.lock().expect("activity lock");
+            for (key, _) in &entries {
+                pending.remove(key);
+            }
+        }
+        if self.fast_trusted() {
+            match inner.fast.revoke(&entries).await {
+                Ok(()) => return Ok(()),
+                Err(e) => self.fast_failed("revoke", &e),
+            }
+        }
+        inner
+            .metrics
+            .fast_deletes_deferred
+            .inc_by(entries.len() as u64);
+        Ok(())
     }
 
     /// Revokes the session held under `key`; true if there was one.
     pub async fn revoke(&self, key: &TokenHash) -> StoreResult<bool> {
-        let existed = self.durable.delete(key).await?;
-        self.fast.remove(std::slice::from_ref(key)).await?;
-        if existed {
-            self.metrics.sessions_revoked.inc();
+        match self.inner.durable.delete(key).await? {
+            Some(expires_at) => {
+                self.revoke_in_fast(vec![(*key, expires_at)]).await?;
+                self.inner.metrics.sessions_revoked.inc();
+                Ok(true)
+            }
+            None => {
+                if self.fast_trusted() {
+                    // Nothing durable: make sure no stale copy lingers.
+                    if let Err(e) = self.inner.fast.remove(std::slice::from_ref(key)).await {
+                        self.fast_failed("revoke", &e);
+                    }
+                }
+                Ok(false)
+            }
         }
-        Ok(existed)
     }
 
     /// Revokes a session by its public id; true if there was one.
     pub async fn revoke_id(&self, id: Uuid) -> StoreResult<bool> {
-        match self.durable.delete_by_id(id).await? {
-            Some(key) => {
-                self.fast.remove(&[key]).await?;
-                self.metrics.sessions_revoked.inc();
+        match self.inner.durable.delete_by_id(id).await? {
+            Some(entry) => {
+                self.revoke_in_fast(vec![entry]).await?;
+                self.inner.metrics.sessions_revoked.inc();
                 Ok(true)
             }
             None => Ok(false),
@@ -214,18 +529,20 @@ impl SessionStore {
 
     /// Revokes every session of a user; returns how many there were.
     pub async fn revoke_user(&self, user_id: &str) -> StoreResult<u64> {
-        let keys = self.durable.delete_user(user_id).await?;
-        if !keys.is_empty() {
-            self.fast.remove(&keys).await?;
+        let entries = self.inner.durable.delete_user(user_id).await?;
+        let n = entries.len() as u64;
+        if !entries.is_empty() {
+            self.revoke_in_fast(entries).await?;
         }
-        self.metrics.sessions_revoked.inc_by(keys.len() as u64);
-        Ok(keys.len() as u64)
+        self.inner.metrics.sessions_revoked.inc_by(n);
+        Ok(n)
     }
 
     /// A live session by its public id.
     pub async fn get_by_id(&self, id: Uuid) -> StoreResult<Option<Session>> {
         let now = now_ms();
         Ok(self
+            .inner
             .durable
             .get_by_id(id)
             .await?
@@ -233,12 +550,15 @@ impl SessionStore {
             .filter(|s| s.is_live(now)))
     }
 
+    /// A user's live sessions, newest first, with their keys.
+    pub async fn list_user_keyed(&self, user_id: &str) -> StoreResult<Vec<(TokenHash, Session)>> {
+        self.inner.durable.list_user(user_id, now_ms()).await
+    }
+
     /// A user's live sessions, newest first.
     pub async fn list_user(&self, user_id: &str) -> StoreResult<Vec<Session>> {
-        let now = now_ms();
         Ok(self
-            .durable
-            .list_user(user_id, now)
+            .list_user_keyed(user_id)
             .await?
             .into_iter()
             .map(|(_, s)| s)
@@ -247,21 +567,93 @@ impl SessionStore {
 
     /// The health of both tiers.
     pub async fn health(&self) -> Vec<TierHealth> {
-        let (fast, durable) = tokio::join!(self.fast.ping(), self.durable.ping());
+        let inner = &self.inner;
+        let (fast, durable) = tokio::join!(inner.fast.ping(), inner.durable.ping());
+        let fast_error = match (&fast, self.fast_trusted()) {
+            (Err(e), _) => Some(e.to_string()),
+            (Ok(()), false) => Some("recovering: replaying revocations before use".to_string()),
+            (Ok(()), true) => None,
+        };
         vec![
             TierHealth {
                 tier: "fast",
-                kind: self.fast.kind(),
-                ok: fast.is_ok(),
-                error: fast.err().map(|e| e.to_string()),
+                kind: inner.fast.kind(),
+                ok: fast_error.is_none(),
+                error: fast_error,
             },
             TierHealth {
                 tier: "durable",
-                kind: self.durable.kind(),
+                kind: inner.durable.kind(),
                 ok: durable.is_ok(),
                 error: durable.err().map(|e| e.to_string()),
             },
         ]
+    }
+
+    /// Brings an untrusted fast tier back: replays every recorded
+    /// revocation into it, then trusts it. Also notices a restart of the
+    /// fast tier's server. Returns whether the fast tier is trusted.
+    pub async fn recover_fast(&self) -> bool {
+        let inner = &self.inner;
+        let trusted = self.fast_trusted();
+        let instance = match inner.fast.instance_id().await {
+            Ok(id) => id,
+            Err(e) => {
+                if trusted {
+                    self.fast_failed("health check", &e);
+                }
+                return false;
+            }
+        };
+        let restarted = {
+            let mut known = inner.fast_instance.lock().expect("instance lock");
+            let restarted = matches!((&*known, &instance), (Some(a), Some(b)) if a != b);
+            *known = instance;
+            restarted
+        };
+        if trusted && !restarted {
+            return true;
+        }
+        if restarted {
+            inner.fast_trusted.store(false, Ordering::Release);
+            tracing::warn!("the fast tier's server restarted; replaying revocations before use");
+        }
+        match self.replay_pending().await {
+            Ok(n) => {
+                inner.fast_trusted.store(true, Ordering::Release);
+                tracing::info!(replayed = n, "fast tier trusted again");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fast tier recovery failed; will retry");
+                false
+            }
+        }
+    }
+
+    async fn replay_pending(&self) -> StoreResult<usize> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let mut total = 0;
+        let mut after = None;
+        loop {
+            let keys = inner.durable.revocations(after, now, REPLAY_BATCH).await?;
+            let Some(last) = keys.last().copied() else {
+                return Ok(total);
+            };
+            // Deleting is enough here: the durable tier no longer has these
+            // sessions, so nothing can restore them.
+            inner.fast.remove(&keys).await?;
+            total += keys.len();
+            after = Some(last);
+        }
+    }
+
+    /// Marks the fast tier untrusted until [`SessionStore::recover_fast`]
+    /// has replayed the revocation log into it: for a fast tier that may
+    /// hold data from before this process started.
+    pub fn distrust_fast(&self) {
+        self.inner.fast_trusted.store(false, Ordering::Release);
     }
 
     /// Deletes expired sessions from the durable tier in batches of
@@ -270,14 +662,38 @@ impl SessionStore {
         let now = now_ms();
         let mut total = 0;
         loop {
-            let n = self.durable.sweep_expired(now, batch).await?;
+            let n = self.inner.durable.sweep_expired(now, batch).await?;
             total += n;
             if n < u64::from(batch) {
                 break;
             }
             tokio::task::yield_now().await;
         }
-        self.metrics.sessions_swept.inc_by(total);
+        self.inner.metrics.sessions_swept.inc_by(total);
         Ok(total)
+    }
+
+    /// The background loop: fast-tier recovery and the activity writer,
+    /// until `shutdown` turns true; then a last activity flush.
+    pub async fn maintain(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let options = &self.inner.options;
+        let mut recover = tokio::time::interval(options.fast_retry_interval);
+        let mut flush = tokio::time::interval(options.activity_flush_interval);
+        recover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = recover.tick() => { self.recover_fast().await; }
+                _ = flush.tick() => {
+                    if let Err(e) = self.flush_activity().await {
+                        tracing::warn!(error = %e, "activity flush failed; will retry");
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        if let Err(e) = self.flush_activity().await {
+            tracing::error!(error = %e, "final activity flush failed");
+        }
     }
 }

@@ -98,6 +98,13 @@ fn row_to_session(row: &sqlx::sqlite::SqliteRow) -> StoreResult<(TokenHash, Sess
     ))
 }
 
+fn hash_and_expiry(row: &sqlx::sqlite::SqliteRow) -> StoreResult<(TokenHash, i64)> {
+    let hash: Vec<u8> = row.try_get("token_hash").map_err(unavailable)?;
+    let key =
+        TokenHash::from_slice(&hash).ok_or_else(|| corrupt("bad token_hash length".into()))?;
+    Ok((key, row.try_get("expires_at").map_err(unavailable)?))
+}
+
 #[async_trait]
 impl DurableTier for SqliteTier {
     fn kind(&self) -> &'static str {
@@ -177,31 +184,23 @@ impl DurableTier for SqliteTier {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn delete(&self, key: &TokenHash) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM sessions WHERE token_hash = ?")
+    async fn delete(&self, key: &TokenHash) -> StoreResult<Option<i64>> {
+        let row = sqlx::query("DELETE FROM sessions WHERE token_hash = ? RETURNING expires_at")
             .bind(key.as_bytes().to_vec())
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        Ok(done.rows_affected() > 0)
+        row.map(|r| r.try_get("expires_at").map_err(unavailable))
+            .transpose()
     }
 
-    async fn delete_by_id(&self, id: Uuid) -> StoreResult<Option<TokenHash>> {
-        let row = sqlx::query("DELETE FROM sessions WHERE id = ? RETURNING token_hash")
+    async fn delete_by_id(&self, id: Uuid) -> StoreResult<Option<(TokenHash, i64)>> {
+        let row = sqlx::query("DELETE FROM sessions WHERE id = ? RETURNING token_hash, expires_at")
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        match row {
-            Some(r) => {
-                let hash: Vec<u8> = r.try_get("token_hash").map_err(unavailable)?;
-                Ok(Some(
-                    TokenHash::from_slice(&hash)
-                        .ok_or_else(|| corrupt("bad token_hash length".into()))?,
-                ))
-            }
-            None => Ok(None),
-        }
+        row.map(|r| hash_and_expiry(&r)).transpose()
     }
 
     async fn list_user(&self, user_id: &str, now: i64) -> StoreResult<Vec<(TokenHash, Session)>> {
@@ -218,18 +217,14 @@ impl DurableTier for SqliteTier {
         rows.iter().map(row_to_session).collect()
     }
 
-    async fn delete_user(&self, user_id: &str) -> StoreResult<Vec<TokenHash>> {
-        let rows = sqlx::query("DELETE FROM sessions WHERE user_id = ? RETURNING token_hash")
-            .bind(user_id.to_string())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        rows.iter()
-            .map(|r| {
-                let hash: Vec<u8> = r.try_get("token_hash").map_err(unavailable)?;
-                TokenHash::from_slice(&hash).ok_or_else(|| corrupt("bad token_hash length".into()))
-            })
-            .collect()
+    async fn delete_user(&self, user_id: &str) -> StoreResult<Vec<(TokenHash, i64)>> {
+        let rows =
+            sqlx::query("DELETE FROM sessions WHERE user_id = ? RETURNING token_hash, expires_at")
+                .bind(user_id.to_string())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        rows.iter().map(hash_and_expiry).collect()
     }
 
     async fn sweep_expired(&self, now: i64, limit: u32) -> StoreResult<u64> {
@@ -242,6 +237,11 @@ impl DurableTier for SqliteTier {
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
+        sqlx::query("DELETE FROM revocations WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
         Ok(done.rows_affected())
     }
 
@@ -262,6 +262,47 @@ impl DurableTier for SqliteTier {
             .await
             .map_err(unavailable)?;
         row.try_get("value").map_err(unavailable)
+    }
+
+    async fn record_revocations(&self, entries: &[(TokenHash, i64)]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for (key, expires_at) in entries {
+            sqlx::query(
+                "INSERT INTO revocations (token_hash, expires_at) VALUES (?, ?) \
+                 ON CONFLICT (token_hash) DO NOTHING",
+            )
+            .bind(key.as_bytes().to_vec())
+            .bind(*expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn revocations(
+        &self,
+        after: Option<TokenHash>,
+        now: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<TokenHash>> {
+        let after = after.map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT token_hash FROM revocations WHERE token_hash > ? AND expires_at > ? \
+             ORDER BY token_hash LIMIT ?",
+        )
+        .bind(after)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                let hash: Vec<u8> = r.try_get("token_hash").map_err(unavailable)?;
+                TokenHash::from_slice(&hash).ok_or_else(|| corrupt("bad token_hash length".into()))
+            })
+            .collect()
     }
 
     async fn ping(&self) -> StoreResult<()> {

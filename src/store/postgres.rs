@@ -1,0 +1,338 @@
+//! The PostgreSQL durable tier through sqlx.
+//!
+//! The pool reconnects by itself: when PostgreSQL comes back, the next
+//! query succeeds without a restart. `acquire_timeout` is kept short so
+//! that a request waiting for a dead database gets its 503 quickly.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use super::{DurableTier, StoreError, StoreResult};
+use crate::config::redact_url;
+use crate::session::{Session, now_ms};
+use crate::token::TokenHash;
+
+const TIER: &str = "postgres";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+pub struct PostgresTier {
+    pool: PgPool,
+    address: String,
+}
+
+/// Pool settings from `[store]`.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    pub min_connections: u32,
+    pub acquire_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+fn classify(address: &str, e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable {
+            tier: TIER,
+            message: format!("{address}: {e}"),
+        },
+        _ => StoreError::Backend {
+            tier: TIER,
+            message: e.to_string(),
+        },
+    }
+}
+
+fn corrupt(message: String) -> StoreError {
+    StoreError::Backend {
+        tier: TIER,
+        message,
+    }
+}
+
+fn hash_of(row: &PgRow, address: &str) -> StoreResult<TokenHash> {
+    let hash: Vec<u8> = row
+        .try_get("token_hash")
+        .map_err(|e| classify(address, e))?;
+    TokenHash::from_slice(&hash).ok_or_else(|| corrupt("bad token_hash length".into()))
+}
+
+impl PostgresTier {
+    /// Connects (and checks the connection) to `url`.
+    pub async fn connect(url: &str, settings: &PoolSettings) -> StoreResult<PostgresTier> {
+        let address = redact_url(url);
+        let options: PgConnectOptions = url.parse().map_err(|e| StoreError::Unavailable {
+            tier: TIER,
+            message: format!("{address}: {e}"),
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(settings.min_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            .idle_timeout(Some(settings.idle_timeout))
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Unavailable {
+                tier: TIER,
+                message: format!("{address}: {e}"),
+            })?;
+        Ok(PostgresTier { pool, address })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn err(&self, e: sqlx::Error) -> StoreError {
+        classify(&self.address, e)
+    }
+
+    fn row_to_session(&self, row: &PgRow) -> StoreResult<(TokenHash, Session)> {
+        let key = hash_of(row, &self.address)?;
+        let attributes: String = row.try_get("attributes").map_err(|e| self.err(e))?;
+        let attributes: BTreeMap<String, String> = serde_json::from_str(&attributes)
+            .map_err(|e| corrupt(format!("bad attributes: {e}")))?;
+        Ok((
+            key,
+            Session {
+                id: row.try_get("id").map_err(|e| self.err(e))?,
+                user_id: row.try_get("user_id").map_err(|e| self.err(e))?,
+                created_at: row.try_get("created_at").map_err(|e| self.err(e))?,
+                last_seen_at: row.try_get("last_seen_at").map_err(|e| self.err(e))?,
+                expires_at: row.try_get("expires_at").map_err(|e| self.err(e))?,
+                attributes,
+            },
+        ))
+    }
+}
+
+#[async_trait]
+impl DurableTier for PostgresTier {
+    fn kind(&self) -> &'static str {
+        TIER
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Backend {
+                tier: TIER,
+                message: format!("migration failed: {e}"),
+            })
+    }
+
+    async fn insert(&self, key: &TokenHash, session: &Session) -> StoreResult<()> {
+        let attributes = serde_json::to_string(&session.attributes)
+            .map_err(|e| corrupt(format!("attributes: {e}")))?;
+        sqlx::query(
+            "INSERT INTO sessions (token_hash, id, user_id, created_at, last_seen_at, expires_at, attributes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+        )
+        .bind(key.as_bytes().to_vec())
+        .bind(session.id)
+        .bind(session.user_id.clone())
+        .bind(session.created_at)
+        .bind(session.last_seen_at)
+        .bind(session.expires_at)
+        .bind(attributes)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &TokenHash) -> StoreResult<Option<Session>> {
+        let row = sqlx::query(
+            "SELECT token_hash, id, user_id, created_at, last_seen_at, expires_at, attributes::text AS attributes \
+             FROM sessions WHERE token_hash = $1",
+        )
+        .bind(key.as_bytes().to_vec())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        row.map(|r| self.row_to_session(&r).map(|(_, s)| s))
+            .transpose()
+    }
+
+    async fn get_by_id(&self, id: Uuid) -> StoreResult<Option<(TokenHash, Session)>> {
+        let row = sqlx::query(
+            "SELECT token_hash, id, user_id, created_at, last_seen_at, expires_at, attributes::text AS attributes \
+             FROM sessions WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        row.map(|r| self.row_to_session(&r)).transpose()
+    }
+
+    async fn update_activity(
+        &self,
+        key: &TokenHash,
+        last_seen_at: i64,
+        expires_at: i64,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE sessions SET last_seen_at = GREATEST(last_seen_at, $1), expires_at = $2 \
+             WHERE token_hash = $3",
+        )
+        .bind(last_seen_at)
+        .bind(expires_at)
+        .bind(key.as_bytes().to_vec())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn delete(&self, key: &TokenHash) -> StoreResult<Option<i64>> {
+        let row = sqlx::query("DELETE FROM sessions WHERE token_hash = $1 RETURNING expires_at")
+            .bind(key.as_bytes().to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        row.map(|r| r.try_get("expires_at").map_err(|e| self.err(e)))
+            .transpose()
+    }
+
+    async fn delete_by_id(&self, id: Uuid) -> StoreResult<Option<(TokenHash, i64)>> {
+        let row =
+            sqlx::query("DELETE FROM sessions WHERE id = $1 RETURNING token_hash, expires_at")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        match row {
+            Some(r) => Ok(Some((
+                hash_of(&r, &self.address)?,
+                r.try_get("expires_at").map_err(|e| self.err(e))?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_user(&self, user_id: &str, now: i64) -> StoreResult<Vec<(TokenHash, Session)>> {
+        let rows = sqlx::query(
+            "SELECT token_hash, id, user_id, created_at, last_seen_at, expires_at, attributes::text AS attributes \
+             FROM sessions WHERE user_id = $1 AND expires_at > $2 \
+             ORDER BY created_at DESC, id DESC",
+        )
+        .bind(user_id.to_string())
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        rows.iter().map(|r| self.row_to_session(r)).collect()
+    }
+
+    async fn delete_user(&self, user_id: &str) -> StoreResult<Vec<(TokenHash, i64)>> {
+        let rows =
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1 RETURNING token_hash, expires_at")
+                .bind(user_id.to_string())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    hash_of(r, &self.address)?,
+                    r.try_get("expires_at").map_err(|e| self.err(e))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn sweep_expired(&self, now: i64, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE token_hash IN \
+             (SELECT token_hash FROM sessions WHERE expires_at <= $1 LIMIT $2)",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        sqlx::query("DELETE FROM revocations WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn secret(&self, name: &str, fresh: &[u8]) -> StoreResult<Vec<u8>> {
+        sqlx::query(
+            "INSERT INTO gateway_secrets (name, value, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name.to_string())
+        .bind(fresh.to_vec())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        let row = sqlx::query("SELECT value FROM gateway_secrets WHERE name = $1")
+            .bind(name.to_string())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        row.try_get("value").map_err(|e| self.err(e))
+    }
+
+    async fn record_revocations(&self, entries: &[(TokenHash, i64)]) -> StoreResult<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let hashes: Vec<Vec<u8>> = entries.iter().map(|(k, _)| k.as_bytes().to_vec()).collect();
+        let expiries: Vec<i64> = entries.iter().map(|(_, e)| *e).collect();
+        sqlx::query(
+            "INSERT INTO revocations (token_hash, expires_at) \
+             SELECT * FROM UNNEST($1::bytea[], $2::bigint[]) \
+             ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind(hashes)
+        .bind(expiries)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn revocations(
+        &self,
+        after: Option<TokenHash>,
+        now: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<TokenHash>> {
+        let after = after.map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT token_hash FROM revocations WHERE token_hash > $1 AND expires_at > $2 \
+             ORDER BY token_hash LIMIT $3",
+        )
+        .bind(after)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        rows.iter().map(|r| hash_of(r, &self.address)).collect()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}

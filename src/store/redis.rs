@@ -1,0 +1,232 @@
+//! The Redis fast tier.
+//!
+//! One key per session, `<prefix>s:<hex of the token hash>`, holding the
+//! compact encoding of [`super::codec`], with the Redis expiry set to the
+//! session's own (`PXAT`), so Redis drops what has expired by itself. A
+//! revoked session's key holds a one-byte tombstone until the session
+//! would have expired: a restore (`SET NX`) or an activity refresh (a
+//! script that writes only over a live session) racing with the
+//! revocation cannot bring it back, and every instance reading the key
+//! learns of the revocation without asking the durable tier. Every command
+//! on the request path touches exactly one key; the connection manager
+//! multiplexes all requests over one connection (pipelining them) and
+//! reconnects by itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Cached, FastTier, StoreError, StoreResult, codec};
+use crate::config::redact_url;
+use crate::session::{Session, now_ms};
+use crate::token::TokenHash;
+
+const TIER: &str = "redis";
+/// The value of a revoked session's key; session records start with 1.
+const TOMBSTONE: &[u8] = &[0];
+
+/// Overwrites a key only while it holds a live session record.
+const REFRESH_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and string.byte(v, 1) == 1 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+  return 1
+end
+return 0
+";
+
+pub struct RedisTier {
+    conn: ConnectionManager,
+    refresh: redis::Script,
+    prefix: String,
+    address: String,
+}
+
+fn unavailable(address: &str, e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable {
+        tier: TIER,
+        message: format!("{address}: {e}"),
+    }
+}
+
+impl RedisTier {
+    /// Sets up the connection without waiting for Redis: a gateway can
+    /// start (and serve from the durable tier) while Redis is down.
+    pub fn connect(url: &str, prefix: &str, timeout: Duration) -> StoreResult<RedisTier> {
+        let address = redact_url(url);
+        let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable {
+            tier: TIER,
+            message: format!("{address}: {e}"),
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            // Reconnection is retried by the hybrid store's recovery loop;
+            // a request never waits on a long backoff here.
+            .set_number_of_retries(1)
+            .set_max_delay(timeout);
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| unavailable(&address, e))?;
+        Ok(RedisTier {
+            conn,
+            refresh: redis::Script::new(REFRESH_SCRIPT),
+            prefix: prefix.to_string(),
+            address,
+        })
+    }
+
+    fn key(&self, hash: &TokenHash) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + 2 + 64);
+        key.push_str(&self.prefix);
+        key.push_str("s:");
+        key.push_str(&hash.to_hex());
+        key
+    }
+
+    /// The key a session hash is stored under (for tests and operators).
+    pub fn key_for(&self, hash: &TokenHash) -> String {
+        self.key(hash)
+    }
+}
+
+#[async_trait]
+impl FastTier for RedisTier {
+    fn kind(&self) -> &'static str {
+        TIER
+    }
+
+    async fn get(&self, key: &TokenHash) -> StoreResult<Cached> {
+        let mut conn = self.conn.clone();
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.key(key))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))?;
+        match value {
+            None => Ok(Cached::Miss),
+            Some(bytes) if bytes == TOMBSTONE => Ok(Cached::Revoked),
+            Some(bytes) => match codec::decode(&bytes) {
+                Ok(session) => Ok(Cached::Live(Arc::new(session))),
+                Err(e) => {
+                    // A corrupt entry is a cache miss: the durable tier
+                    // has the truth.
+                    tracing::warn!(error = %e, "ignoring a corrupt fast-tier entry");
+                    Ok(Cached::Miss)
+                }
+            },
+        }
+    }
+
+    async fn put(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
+        if !session.is_live(now_ms()) {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(codec::encode(&session))
+            .arg("PXAT")
+            .arg(session.expires_at)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))
+    }
+
+    async fn restore(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
+        if !session.is_live(now_ms()) {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(codec::encode(&session))
+            .arg("PXAT")
+            .arg(session.expires_at)
+            .arg("NX")
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))?;
+        Ok(())
+    }
+
+    async fn refresh(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
+        if !session.is_live(now_ms()) {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        self.refresh
+            .key(self.key(key))
+            .arg(codec::encode(&session))
+            .arg(session.expires_at)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))?;
+        Ok(())
+    }
+
+    async fn revoke(&self, entries: &[(TokenHash, i64)]) -> StoreResult<()> {
+        let now = now_ms();
+        let mut conn = self.conn.clone();
+        for chunk in entries.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (key, until) in chunk {
+                if *until > now {
+                    pipe.cmd("SET")
+                        .arg(self.key(key))
+                        .arg(TOMBSTONE)
+                        .arg("PXAT")
+                        .arg(*until)
+                        .ignore();
+                } else {
+                    pipe.cmd("DEL").arg(self.key(key)).ignore();
+                }
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| unavailable(&self.address, e))?;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, keys: &[TokenHash]) -> StoreResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        // Bounded batches: a user with thousands of sessions does not
+        // become one giant command.
+        for chunk in keys.chunks(500) {
+            let mut cmd = redis::cmd("DEL");
+            for key in chunk {
+                cmd.arg(self.key(key));
+            }
+            cmd.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| unavailable(&self.address, e))?;
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))
+    }
+
+    async fn instance_id(&self) -> StoreResult<Option<String>> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))?;
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|s| s.trim().to_string()))
+    }
+}
