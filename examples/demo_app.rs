@@ -92,7 +92,8 @@ async fn handle(req: Request<Incoming>) -> Result<Resp, Infallible> {
             match form_value(&form, "user").map(|u| u.trim().to_string()) {
                 Some(user) if !user.is_empty() && user.len() <= 64 => {
                     let remember = form_value(&form, "remember").is_some();
-                    let attributes = format!(r#"{{"remember_me":"{remember}","login_via":"demo"}}"#);
+                    let attributes =
+                        format!(r#"{{"remember_me":"{remember}","login_via":"demo"}}"#);
                     see_other("/")
                         .header("x-sessiongate-login", user)
                         .header("x-sessiongate-attributes", attributes)
