@@ -41,6 +41,8 @@ enum AdminError {
     },
     TooLarge,
     StoreUnavailable,
+    Create(crate::error::ProxyError),
+    ReloadFailed(String),
 }
 
 impl AdminError {
@@ -75,6 +77,12 @@ impl AdminError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
                 "the session store is unavailable; try again shortly".to_string(),
+            ),
+            AdminError::Create(e) => return e.into_response(request_id),
+            AdminError::ReloadFailed(reason) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reload_failed",
+                format!("{reason}; the previous policies stay in service"),
             ),
         };
         let mut resp = json_error(status, code, &message, request_id);
@@ -190,10 +198,21 @@ impl Admin {
                 ))
             }
             (_, ["v1", "users", _, "sessions"]) => Err(AdminError::MethodNotAllowed),
-            // No policy plugins are loaded by this build: the list is
-            // truthfully empty and a reload has nothing to reload.
-            (&Method::GET, ["v1", "policies"]) | (&Method::POST, ["v1", "policies", "reload"]) => {
-                Ok(json(StatusCode::OK, serde_json::json!({ "policies": [] })))
+            (&Method::GET, ["v1", "policies"]) => {
+                let info = self.gateway.policies.chain().info();
+                Ok(json(
+                    StatusCode::OK,
+                    serde_json::json!({ "policies": info }),
+                ))
+            }
+            (&Method::POST, ["v1", "policies", "reload"]) => {
+                match self.gateway.policies.reload().await {
+                    Ok(info) => Ok(json(
+                        StatusCode::OK,
+                        serde_json::json!({ "policies": info }),
+                    )),
+                    Err(e) => Err(AdminError::ReloadFailed(e.to_string())),
+                }
             }
             (_, ["v1", "policies"] | ["v1", "policies", "reload"]) => {
                 Err(AdminError::MethodNotAllowed)
@@ -240,7 +259,11 @@ impl Admin {
                 .map_err(|_| bad("attributes", "must be an object of strings"))?,
         };
         session::validate_attributes(&attributes).map_err(|m| bad("attributes", &m))?;
-        let (token, session) = self.gateway.create_session(user_id, attributes).await?;
+        let (token, session) = self
+            .gateway
+            .create_session(user_id, attributes, None)
+            .await
+            .map_err(AdminError::Create)?;
         let view = session.view();
         let mut value = serde_json::to_value(&view).unwrap_or_default();
         value["token"] = serde_json::Value::String(token);

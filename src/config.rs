@@ -80,6 +80,15 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     policies: Vec<RawPolicy>,
+    #[serde(default)]
+    plugins: RawPlugins,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugins {
+    watch: Option<bool>,
+    watch_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +171,8 @@ struct RawPolicy {
     plugin: Option<String>,
     config: Option<figment::value::Value>,
     on_error: Option<String>,
+    timeout_ms: Option<u64>,
+    memory_limit_mb: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -180,6 +191,34 @@ pub struct Config {
     pub log: LogConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    pub policies: Vec<PolicyConfig>,
+    pub plugins: PluginsConfig,
+}
+
+/// What to do with a request when a policy plugin fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    Deny,
+    Allow,
+}
+
+/// One `[[policies]]` entry.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// Resolved against the config file's directory.
+    pub plugin: PathBuf,
+    /// The plugin's `config` table as a JSON object.
+    pub config_json: String,
+    pub on_error: OnError,
+    pub timeout: Duration,
+    pub memory_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PluginsConfig {
+    /// Reload the chain when a plugin file changes.
+    pub watch: bool,
+    pub watch_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -330,17 +369,18 @@ impl Config {
         let figment = Figment::new()
             .merge(Toml::file_exact(path))
             .merge(Env::prefixed(ENV_PREFIX).split("__"));
-        Self::from_figment(figment, &file)
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::from_figment(figment, &file, &base)
     }
 
     /// Parses TOML text alone, without the environment: for tests and
     /// for callers that build a config in memory.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
         let figment = Figment::new().merge(Toml::string(text));
-        Self::from_figment(figment, "<inline>")
+        Self::from_figment(figment, "<inline>", Path::new(""))
     }
 
-    fn from_figment(figment: Figment, file: &str) -> Result<Config, ConfigError> {
+    fn from_figment(figment: Figment, file: &str, base: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = figment.extract().map_err(|errors| {
             let problems = errors
                 .into_iter()
@@ -368,10 +408,10 @@ impl Config {
                 problems,
             }
         })?;
-        Self::from_raw(raw, file)
+        Self::from_raw(raw, file, base)
     }
 
-    fn from_raw(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
+    fn from_raw(raw: RawConfig, file: &str, base: &Path) -> Result<Config, ConfigError> {
         let mut v = Validator::default();
 
         let server = ServerConfig {
@@ -652,13 +692,65 @@ impl Config {
             });
         }
 
-        for (i, p) in raw.policies.iter().enumerate() {
-            let _ = (&p.plugin, &p.config, &p.on_error);
-            v.problem(
-                format!("policies[{i}]"),
-                "WebAssembly policy plugins are not available in this build yet; remove the [[policies]] entries (sessions get session.default_ttl_seconds)",
-            );
+        let mut policies = Vec::new();
+        for (i, p) in raw.policies.into_iter().enumerate() {
+            let key = |field: &str| format!("policies[{i}].{field}");
+            let plugin = match p.plugin {
+                Some(path) if !path.is_empty() => base.join(path),
+                _ => {
+                    v.problem(key("plugin"), "is required (the path of a .wasm file)");
+                    PathBuf::new()
+                }
+            };
+            let config_json = match p.config {
+                None => "{}".to_string(),
+                Some(value @ figment::value::Value::Dict(..)) => {
+                    serde_json::to_string(&value).unwrap_or_else(|_| "{}".into())
+                }
+                Some(_) => {
+                    v.problem(
+                        key("config"),
+                        "must be a table, e.g. { ttl_seconds = 3600 }",
+                    );
+                    "{}".into()
+                }
+            };
+            let on_error = match p.on_error.as_deref().unwrap_or("deny") {
+                "deny" => OnError::Deny,
+                "allow" => OnError::Allow,
+                other => {
+                    v.problem(
+                        key("on_error"),
+                        format!("must be \"deny\" or \"allow\", not {other:?}"),
+                    );
+                    OnError::Deny
+                }
+            };
+            let timeout_ms = v.positive(&key("timeout_ms"), p.timeout_ms, 20);
+            if timeout_ms > 10_000 {
+                v.problem(key("timeout_ms"), "must be at most 10000");
+            }
+            let memory_mb = v.positive(&key("memory_limit_mb"), p.memory_limit_mb, 16);
+            let max_mb = (crate::policy::engine::MAX_PLUGIN_MEMORY >> 20) as u64;
+            if memory_mb > max_mb {
+                v.problem(key("memory_limit_mb"), format!("must be at most {max_mb}"));
+            }
+            policies.push(PolicyConfig {
+                plugin,
+                config_json,
+                on_error,
+                timeout: Duration::from_millis(timeout_ms),
+                memory_bytes: (memory_mb.min(max_mb) as usize) << 20,
+            });
         }
+        let plugins = PluginsConfig {
+            watch: raw.plugins.watch.unwrap_or(false),
+            watch_interval: Duration::from_millis(v.positive(
+                "plugins.watch_interval_ms",
+                raw.plugins.watch_interval_ms,
+                1_000,
+            )),
+        };
 
         if v.problems.is_empty() {
             Ok(Config {
@@ -670,6 +762,8 @@ impl Config {
                 log,
                 upstreams,
                 routes,
+                policies,
+                plugins,
             })
         } else {
             Err(ConfigError::Invalid {

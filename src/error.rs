@@ -23,6 +23,8 @@ pub enum ProxyError {
     InvalidSession,
     #[error("{reason}")]
     PolicyDenied { status: StatusCode, reason: String },
+    #[error("a session policy failed; try again shortly")]
+    PolicyFailed,
     #[error("the upstream could not be reached")]
     UpstreamUnreachable,
     #[error("the upstream did not answer in time")]
@@ -35,6 +37,17 @@ pub enum ProxyError {
     BadRequest(String),
 }
 
+impl From<crate::policy::Refusal> for ProxyError {
+    fn from(r: crate::policy::Refusal) -> Self {
+        match r {
+            crate::policy::Refusal::Denied { status, reason } => {
+                ProxyError::PolicyDenied { status, reason }
+            }
+            crate::policy::Refusal::Failed { .. } => ProxyError::PolicyFailed,
+        }
+    }
+}
+
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -43,6 +56,7 @@ impl ProxyError {
             | ProxyError::MalformedToken
             | ProxyError::InvalidSession => StatusCode::UNAUTHORIZED,
             ProxyError::PolicyDenied { status, .. } => *status,
+            ProxyError::PolicyFailed => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable | ProxyError::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -59,6 +73,7 @@ impl ProxyError {
             ProxyError::MalformedToken => "malformed_token",
             ProxyError::InvalidSession => "invalid_session",
             ProxyError::PolicyDenied { .. } => "policy_denied",
+            ProxyError::PolicyFailed => "policy_failed",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::UpstreamProtocol(_) => "upstream_invalid_response",
@@ -123,6 +138,7 @@ mod tests {
             (ProxyError::UpstreamUnreachable, 502, "upstream_unreachable"),
             (ProxyError::UpstreamTimeout, 504, "upstream_timeout"),
             (ProxyError::StoreUnavailable, 503, "store_unavailable"),
+            (ProxyError::PolicyFailed, 503, "policy_failed"),
             (
                 ProxyError::PolicyDenied {
                     status: StatusCode::FORBIDDEN,

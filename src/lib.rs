@@ -15,7 +15,9 @@
 //! | [`headers`] | header constants, hop-by-hop removal, cookie and bearer parsing |
 //! | [`token`] | token issue and verification (CSPRNG + MAC), the stored hash |
 //! | [`session`] | the session record, its limits and the clock |
-//! | [`store`] | the fast/durable tier traits and their hybrid composition |
+//! | [`store`] | the fast/durable tier traits, their backends (memory, Redis, SQLite, PostgreSQL) and the hybrid composition |
+//! | [`policy`] | WebAssembly policy plugins: the wasmtime host, the chain, hot swap |
+//! | [`tools`] | operator tools (`sessiongate plugin try`) |
 //! | [`admin`] | the admin API, `/healthz`, `/readyz`, `/metrics` |
 //! | [`error`] | the one place an error becomes an HTTP response |
 //! | [`metrics`], [`telemetry`] | Prometheus metrics and structured logs |
@@ -27,7 +29,9 @@
 //! extracts the token from `Authorization: Bearer` or the session cookie,
 //! verifies its MAC with [`token::TokenKey`] (no store sees a forged
 //! token), and looks its hash up in [`store::SessionStore`]: the fast tier,
-//! then the durable tier with a restore into the fast tier. The request
+//! then the durable tier with a restore into the fast tier. The
+//! chain of [`policy`] plugins then allows the request, extends the
+//! session's expiry or denies it. The request
 //! goes to an [`upstream::Upstream`] with client-supplied identity headers
 //! removed and the session's identity added. On the way back, the
 //! upstream's `x-sessiongate-login` / `-logout` headers create or revoke
@@ -40,10 +44,12 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod token;
+pub mod tools;
 pub mod upstream;

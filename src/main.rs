@@ -22,6 +22,36 @@ enum Command {
     Check(ConfigArg),
     /// Apply the durable store's migrations and exit.
     Migrate(ConfigArg),
+    /// Policy plugin tools.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Load a plugin, run its init with CONFIG, and show what each of its
+    /// hooks decides for a sample session and request.
+    Try(TryArgs),
+}
+
+#[derive(clap::Args)]
+struct TryArgs {
+    /// The plugin (.wasm: a component, or a core module built with the SDK).
+    file: PathBuf,
+    /// The plugin's config, as a JSON object.
+    #[arg(long, default_value = "{}")]
+    config: String,
+    /// Override fields of the sample session (JSON object: user_id,
+    /// created_at, last_seen_at, expires_at, attributes).
+    #[arg(long)]
+    session: Option<String>,
+    /// Override fields of the sample request (JSON object: method, path,
+    /// host, client_addr, user_agent).
+    #[arg(long)]
+    request: Option<String>,
+    /// The time the hooks are told it is (ms since the Unix epoch).
+    #[arg(long)]
+    now: Option<i64>,
 }
 
 #[derive(clap::Args, Default)]
@@ -43,12 +73,43 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve(ConfigArg::default()));
     match command {
         Command::Check(arg) => match load(arg) {
-            Ok(_) => {
-                println!("ok");
-                ExitCode::SUCCESS
+            Ok(config) => {
+                sessiongate::telemetry::init_stderr("warn");
+                // Compiles every plugin and runs its init: no network.
+                let metrics = std::sync::Arc::new(sessiongate::metrics::Metrics::new());
+                match sessiongate::policy::PolicyChain::load(&config.policies, metrics) {
+                    Ok(_) => {
+                        println!("ok");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("{}: key `policies`: {e}", config.source);
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(code) => code,
         },
+        Command::Plugin(PluginCommand::Try(args)) => {
+            sessiongate::telemetry::init_stderr("warn");
+            let report = sessiongate::tools::try_plugin(
+                &args.file,
+                &args.config,
+                args.session.as_deref(),
+                args.request.as_deref(),
+                args.now,
+            );
+            match report {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sessiongate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(arg) => {
             let config = match load(arg) {
                 Ok(c) => c,

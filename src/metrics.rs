@@ -26,6 +26,26 @@ pub struct LookupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyCallLabels {
+    pub plugin: String,
+    pub hook: &'static str,
+    /// `allow`, `extend`, `deny` or `error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyFailureLabels {
+    pub plugin: String,
+    /// `timeout`, `memory`, `stack`, `trap`, `invalid_decision`, `instantiate`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -51,6 +71,9 @@ pub struct Metrics {
     pub durable_queries: Counter,
     pub activity_flushed: Counter,
     pub fast_deletes_deferred: Counter,
+    pub policy_calls: Family<PolicyCallLabels, Counter>,
+    pub policy_failures: Family<PolicyFailureLabels, Counter>,
+    pub policy_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -75,6 +98,24 @@ impl Metrics {
         let durable_queries = Counter::default();
         let activity_flushed = Counter::default();
         let fast_deletes_deferred = Counter::default();
+        let policy_calls = Family::<PolicyCallLabels, Counter>::default();
+        let policy_failures = Family::<PolicyFailureLabels, Counter>::default();
+        let policy_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "policy_calls",
+            "Policy plugin hook calls by plugin, hook and outcome",
+            policy_calls.clone(),
+        );
+        registry.register(
+            "policy_failures",
+            "Policy plugin calls that trapped, timed out, ran out of memory or decided something invalid",
+            policy_failures.clone(),
+        );
+        registry.register(
+            "policy_reloads",
+            "Policy chain reloads by result",
+            policy_reloads.clone(),
+        );
         registry.register(
             "durable_lookup_queries",
             "Session lookups that reached the durable tier (after miss coalescing)",
@@ -143,6 +184,9 @@ impl Metrics {
             durable_queries,
             activity_flushed,
             fast_deletes_deferred,
+            policy_calls,
+            policy_failures,
+            policy_reloads,
         }
     }
 
@@ -164,6 +208,31 @@ impl Metrics {
                 route: route.to_string(),
             })
             .observe(seconds);
+    }
+
+    pub fn policy_call(&self, plugin: &str, hook: &'static str, outcome: &'static str) {
+        self.policy_calls
+            .get_or_create(&PolicyCallLabels {
+                plugin: plugin.to_string(),
+                hook,
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn policy_failure(&self, plugin: &str, kind: &'static str) {
+        self.policy_failures
+            .get_or_create(&PolicyFailureLabels {
+                plugin: plugin.to_string(),
+                kind,
+            })
+            .inc();
+    }
+
+    pub fn policy_reload(&self, result: &'static str) {
+        self.policy_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// The Prometheus text exposition.

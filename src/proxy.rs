@@ -35,6 +35,7 @@ use crate::headers::{
     self as h, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::policy::{AccessOutcome, Policies, Refusal, RequestInfo};
 use crate::session::{self, Session};
 use crate::store::SessionStore;
 use crate::token::{self, TokenHash, TokenKey};
@@ -46,6 +47,7 @@ pub struct Gateway {
     pub store: SessionStore,
     pub token_key: TokenKey,
     pub metrics: Arc<Metrics>,
+    pub policies: Arc<Policies>,
     routes: Vec<RouteConfig>,
     upstreams: Vec<Arc<Upstream>>,
 }
@@ -70,6 +72,7 @@ impl Gateway {
         store: SessionStore,
         token_key: TokenKey,
         metrics: Arc<Metrics>,
+        policies: Arc<Policies>,
     ) -> Gateway {
         let mut routes = config.routes.clone();
         // Longest prefix first, so the first match is the most specific.
@@ -80,6 +83,7 @@ impl Gateway {
             store,
             token_key,
             metrics,
+            policies,
             routes,
             upstreams,
         }
@@ -179,8 +183,29 @@ impl Gateway {
             return Err(ProxyError::InvalidSession);
         }
         if let (Some(s), Presented::Valid(key)) = (&session, presented) {
-            self.note_activity(&key, s).await;
+            let chain = self.policies.chain();
+            let extend = if chain.wants_access() {
+                let info = request_info(&req, peer);
+                match chain.on_access(s, &info, session::now_ms()) {
+                    AccessOutcome::Allow => None,
+                    AccessOutcome::Extend(at) => Some(at),
+                    AccessOutcome::Refuse(refusal) => return Err(refusal.into()),
+                }
+            } else {
+                None
+            };
+            self.note_activity(&key, s, extend).await;
         }
+
+        // Kept (cheaply: shared buffers) for the create hooks, should the
+        // response log someone in.
+        let context = RequestContext {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host: req.headers().get(header::HOST).cloned(),
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            peer,
+        };
 
         // Rewrite.
         let upgrade = h::is_upgrade_request(req.headers());
@@ -237,19 +262,23 @@ impl Gateway {
         // Respond.
         let (mut parts, upstream_body) = resp.into_parts();
         h::strip_hop_by_hop(&mut parts.headers, false);
-        self.session_headers(&mut parts.headers, presented, session.as_deref())
+        self.session_headers(&mut parts.headers, presented, session.as_deref(), &context)
             .await?;
         Ok(Response::from_parts(parts, body::incoming(upstream_body)))
     }
 
-    /// Keeps `last_seen_at` current to within `session.touch_interval`,
-    /// so that most requests cause no write at all.
-    async fn note_activity(&self, key: &TokenHash, session: &Session) {
+    /// Keeps `last_seen_at` current to within `session.touch_interval`
+    /// (so that most requests cause no write at all) and applies a
+    /// policy's new expiry.
+    async fn note_activity(&self, key: &TokenHash, session: &Session, extend: Option<i64>) {
         let now = session::now_ms();
         let interval = self.config.session.touch_interval.as_millis() as i64;
-        if now - session.last_seen_at >= interval {
+        if extend.is_some() || now - session.last_seen_at >= interval {
             let mut updated = session.clone();
             updated.last_seen_at = now;
+            if let Some(at) = extend {
+                updated.expires_at = at;
+            }
             self.store.record_activity(key, updated).await;
         }
     }
@@ -328,6 +357,7 @@ impl Gateway {
         headers: &mut HeaderMap,
         presented: Presented,
         session: Option<&Session>,
+        context: &RequestContext,
     ) -> Result<(), ProxyError> {
         let login = headers.remove(h::SG_LOGIN);
         let attributes = headers.remove(h::SG_ATTRIBUTES);
@@ -389,9 +419,8 @@ impl Gateway {
                 self.store.revoke(&key).await.map_err(store_down)?;
             }
             let (token, session) = self
-                .create_session(user_id, attributes)
-                .await
-                .map_err(store_down)?;
+                .create_session(user_id, attributes, Some(&context.info()))
+                .await?;
             // Rounded up: a cookie that dies a second early logs users out early.
             let max_age = (session.remaining_ms(session::now_ms()) + 999) / 1000;
             headers.append(header::SET_COOKIE, self.cookie(Some((&token, max_age))));
@@ -399,16 +428,40 @@ impl Gateway {
         Ok(())
     }
 
-    /// Creates a durable session for `user_id`; returns its token (the
-    /// only copy there will ever be) and the session.
+    /// Creates a durable session for `user_id` through the policy chain
+    /// (create hooks, then eviction of the user's other sessions); returns
+    /// its token (the only copy there will ever be) and the session.
     pub async fn create_session(
         &self,
         user_id: String,
         attributes: BTreeMap<String, String>,
-    ) -> Result<(String, Arc<Session>), crate::store::StoreError> {
+        request: Option<&RequestInfo>,
+    ) -> Result<(String, Arc<Session>), ProxyError> {
+        let chain = self.policies.chain();
+        let now = session::now_ms();
+        let mut session = Session::new(user_id, attributes, self.config.session.default_ttl);
+        chain
+            .on_create(&mut session, request, now)
+            .map_err(|r: Refusal| ProxyError::from(r))?;
         let (token, key) = self.token_key.issue();
-        let session = Session::new(user_id, attributes, self.config.session.default_ttl);
-        let session = self.store.create(&key, session).await?;
+        let session = self.store.create(&key, session).await.map_err(store_down)?;
+        if chain.wants_evict() {
+            match self.store.list_user(&session.user_id).await {
+                Ok(live) => {
+                    for id in chain.on_evict(&session, &live, now) {
+                        match self.store.revoke_id(id).await {
+                            Ok(_) => {
+                                tracing::info!(session_id = %id, user = %session.user_id, "session evicted by policy")
+                            }
+                            Err(e) => {
+                                tracing::warn!(session_id = %id, error = %e, "eviction failed")
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not list sessions for eviction"),
+            }
+        }
         Ok((token, session))
     }
 
@@ -423,6 +476,66 @@ impl Gateway {
             s.cookie_name
         );
         HeaderValue::from_str(&text).expect("cookie names and tokens are header-safe")
+    }
+}
+
+/// The parts of a request a create hook may see, kept past forwarding.
+struct RequestContext {
+    method: http::Method,
+    uri: http::Uri,
+    host: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    peer: SocketAddr,
+}
+
+impl RequestContext {
+    fn info(&self) -> RequestInfo {
+        let text = |v: &Option<HeaderValue>| {
+            v.as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let host = match &self.host {
+            Some(_) => text(&self.host),
+            None => self
+                .uri
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        };
+        RequestInfo {
+            method: self.method.to_string(),
+            path: self.uri.path().to_string(),
+            host,
+            client_addr: self.peer.ip().to_string(),
+            user_agent: text(&self.user_agent),
+        }
+    }
+}
+
+/// What a policy may see of a request.
+fn request_info<B>(req: &Request<B>, peer: SocketAddr) -> RequestInfo {
+    let header = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    RequestInfo {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        host,
+        client_addr: peer.ip().to_string(),
+        user_agent: header(header::USER_AGENT),
     }
 }
 

@@ -27,6 +27,7 @@ use crate::admin::Admin;
 use crate::body::Body;
 use crate::config::{Config, redact_url};
 use crate::metrics::Metrics;
+use crate::policy::{Policies, PolicyChain};
 use crate::proxy::Gateway;
 use crate::store::layered::LayeredTier;
 use crate::store::memory::MemoryTier;
@@ -45,6 +46,8 @@ pub enum StartError {
         address: String,
         reason: String,
     },
+    #[error("{file}: key `policies`: {reason}")]
+    Policy { file: String, reason: String },
     #[error("cannot listen on {address} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -217,11 +220,13 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     };
     let token_key = TokenKey::new(&secret);
 
+    let policies = Arc::new(load_policies(&config, metrics.clone()).await?);
     let gateway = Arc::new(Gateway::new(
         config.clone(),
         store.clone(),
         token_key,
         metrics,
+        policies.clone(),
     ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -263,8 +268,15 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             config.store.sweep_interval,
             maintenance_rx.clone(),
         )),
-        tokio::spawn(async move { store.maintain(maintenance_rx).await }),
+        tokio::spawn(async move { store.maintain(maintenance_rx.clone()).await }),
     ];
+    if config.plugins.watch && !config.policies.is_empty() {
+        tasks.push(tokio::spawn(watch_plugins(
+            policies,
+            config.plugins.watch_interval,
+            shutdown_rx.clone(),
+        )));
+    }
 
     tracing::info!(
         %addr,
@@ -283,23 +295,69 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     })
 }
 
-/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+/// Loads the configured policy chain (compiling off the async workers).
+pub async fn load_policies(config: &Config, metrics: Arc<Metrics>) -> Result<Policies, StartError> {
+    let configs = config.policies.clone();
+    let loader_metrics = metrics.clone();
+    let chain = tokio::task::spawn_blocking(move || PolicyChain::load(&configs, loader_metrics))
+        .await
+        .map_err(|e| StartError::Policy {
+            file: config.source.clone(),
+            reason: format!("the plugin loader panicked: {e}"),
+        })?
+        .map_err(|e| StartError::Policy {
+            file: config.source.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(Policies::new(chain, config.policies.clone(), metrics))
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP
+/// reloads the policy plugins.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    use tokio::signal::unix::{SignalKind, signal};
     let running = start(config).await?;
-    wait_for_signal().await;
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the policy plugins");
+                // The outcome is logged by reload itself.
+                let _ = running.gateway().policies.reload().await;
+            }
+        }
+    }
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// Reloads the chain when a plugin file's modification time or size
+/// changes (`plugins.watch`).
+async fn watch_plugins(
+    policies: Arc<Policies>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last = policies.file_stamps();
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = policies.file_stamps();
+        if now != last {
+            tracing::info!("a policy plugin file changed: reloading");
+            let _ = policies.reload().await;
+            last = now;
+        }
     }
 }
 

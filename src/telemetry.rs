@@ -17,3 +17,12 @@ pub fn init(config: &LogConfig) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// Warnings and errors to stderr, for command-line tools whose stdout is
+/// their output.
+pub fn init_stderr(level: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(level))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,57 @@
+//! The one wasmtime [`Engine`] every plugin shares, and its epoch ticker.
+//!
+//! Settings: epoch interruption (a ticker thread advances the epoch every
+//! [`TICK`]; a call's time limit is a number of ticks), a bounded guest
+//! stack, the pooling instance allocator (instantiation in microseconds,
+//! memory reserved up front), and no component-model concurrency support
+//! (it costs every call and our hooks are synchronous).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// The epoch period: the granularity of plugin time limits.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// Largest memory any plugin may be given.
+pub const MAX_PLUGIN_MEMORY: usize = 256 << 20;
+
+/// Guest stack limit: deep enough for real policies, small enough that a
+/// runaway recursion traps quickly.
+const MAX_WASM_STACK: usize = 512 << 10;
+
+/// Instances alive at once across all plugins (pooled slots).
+const POOL_INSTANCES: u32 = 256;
+
+static ENGINE: OnceLock<Engine> = OnceLock::new();
+
+/// The shared engine; the first call starts the epoch ticker.
+pub fn engine() -> &'static Engine {
+    ENGINE.get_or_init(|| {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.max_wasm_stack(MAX_WASM_STACK);
+        config.concurrency_support(false);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(POOL_INSTANCES)
+            .total_core_instances(POOL_INSTANCES)
+            .total_memories(POOL_INSTANCES)
+            .total_tables(POOL_INSTANCES)
+            .max_memory_size(MAX_PLUGIN_MEMORY);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).expect("the wasmtime engine configuration is valid");
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("sessiongate-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .expect("the epoch ticker thread starts");
+        engine
+    })
+}

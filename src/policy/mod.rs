@@ -1,0 +1,449 @@
+//! Session policies: WebAssembly components, run by wasmtime, that decide
+//! how long a session lives, how activity extends it and which sessions
+//! are evicted.
+//!
+//! * [`engine`] — the one shared wasmtime engine and its epoch ticker.
+//! * [`plugin`] — one plugin: compile, instance pool, limits, failures.
+//! * this module — the chain of `[[policies]]` run in order, the decisions
+//!   checked against what a policy may decide, and [`Policies`], which
+//!   holds the chain behind an atomic pointer so that a reload swaps it
+//!   whole while requests already running finish on the old one.
+//!
+//! The interface is `plugins/wit/policy.wit`.
+
+pub mod engine;
+pub mod plugin;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use http::StatusCode;
+use uuid::Uuid;
+
+use crate::config::{OnError, PolicyConfig};
+use crate::metrics::Metrics;
+use crate::session::{self, Session};
+use plugin::{Limits, LoadError, Plugin, PluginFailure};
+
+/// The host side of `plugins/wit/policy.wit`.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "plugins/wit",
+        world: "policy",
+    });
+}
+
+use bindings::sessiongate::policy::types as wit;
+
+/// The furthest in the future a policy may set an expiry.
+pub const MAX_LIFETIME_MS: i64 = 400 * 24 * 3600 * 1000;
+/// Longest denial reason passed on to a client.
+const MAX_REASON: usize = 256;
+
+/// What the request being authenticated looks like to a policy.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    pub method: String,
+    pub path: String,
+    pub host: String,
+    pub client_addr: String,
+    pub user_agent: String,
+}
+
+/// A refusal by a policy, or a failed policy in `deny` mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Denied { status: StatusCode, reason: String },
+    Failed { plugin: String },
+}
+
+/// The chain's verdict on an authenticated request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessOutcome {
+    Allow,
+    /// Allow, and the session now expires at this time.
+    Extend(i64),
+    Refuse(Refusal),
+}
+
+struct Loaded {
+    plugin: Plugin,
+    on_error: OnError,
+    loaded_at: SystemTime,
+}
+
+/// The `[[policies]]` in order, loaded.
+pub struct PolicyChain {
+    plugins: Vec<Loaded>,
+    metrics: Arc<Metrics>,
+}
+
+/// What `GET /v1/policies` shows of one plugin.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginInfo {
+    pub plugin: String,
+    pub sha256: String,
+    pub loaded_at: String,
+    pub on_error: &'static str,
+    pub hooks: Vec<&'static str>,
+}
+
+fn to_wit(s: &Session) -> wit::Session {
+    wit::Session {
+        id: s.id.to_string(),
+        user_id: s.user_id.clone(),
+        created_at: s.created_at,
+        last_seen_at: s.last_seen_at,
+        expires_at: s.expires_at,
+        attributes: s
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+fn request_to_wit(r: &RequestInfo) -> wit::RequestInfo {
+    wit::RequestInfo {
+        method: r.method.clone(),
+        path: r.path.clone(),
+        host: r.host.clone(),
+        client_addr: r.client_addr.clone(),
+        user_agent: r.user_agent.clone(),
+    }
+}
+
+fn check_denial(d: wit::Denial) -> Result<Refusal, PluginFailure> {
+    if !(400..=499).contains(&d.status) {
+        return Err(PluginFailure::InvalidDecision(format!(
+            "denial status {} is not a 4xx status",
+            d.status
+        )));
+    }
+    let status = StatusCode::from_u16(d.status)
+        .map_err(|_| PluginFailure::InvalidDecision(format!("status {}", d.status)))?;
+    let mut reason: String = d.reason.chars().filter(|c| !c.is_control()).collect();
+    if reason.len() > MAX_REASON {
+        let mut cut = MAX_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    if reason.is_empty() {
+        reason = "denied by policy".into();
+    }
+    Ok(Refusal::Denied { status, reason })
+}
+
+fn check_expiry(at: i64, now: i64) -> Result<i64, PluginFailure> {
+    if at <= now || at > now + MAX_LIFETIME_MS {
+        return Err(PluginFailure::InvalidDecision(format!(
+            "expiry {at} is not in (now, now + 400 days]"
+        )));
+    }
+    Ok(at)
+}
+
+impl PolicyChain {
+    /// Loads every configured plugin (compiling and running `init`).
+    /// Blocking: call off the request path.
+    pub fn load(configs: &[PolicyConfig], metrics: Arc<Metrics>) -> Result<PolicyChain, LoadError> {
+        let mut plugins = Vec::with_capacity(configs.len());
+        for c in configs {
+            let plugin = Plugin::load(
+                &c.plugin.display().to_string(),
+                &c.config_json,
+                Limits {
+                    timeout: c.timeout,
+                    memory_bytes: c.memory_bytes,
+                },
+            )?;
+            plugins.push(Loaded {
+                plugin,
+                on_error: c.on_error,
+                loaded_at: SystemTime::now(),
+            });
+        }
+        Ok(PolicyChain { plugins, metrics })
+    }
+
+    pub fn empty(metrics: Arc<Metrics>) -> PolicyChain {
+        PolicyChain {
+            plugins: Vec::new(),
+            metrics,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plugins.is_empty()
+    }
+
+    pub fn info(&self) -> Vec<PluginInfo> {
+        self.plugins
+            .iter()
+            .map(|l| {
+                let h = &l.plugin.hooks;
+                let hooks = [
+                    (h.on_create, "create"),
+                    (h.on_access, "access"),
+                    (h.on_evict, "evict"),
+                ]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+                PluginInfo {
+                    plugin: l.plugin.path.clone(),
+                    sha256: l.plugin.sha256.clone(),
+                    loaded_at: humantime::format_rfc3339_millis(l.loaded_at).to_string(),
+                    on_error: match l.on_error {
+                        OnError::Deny => "deny",
+                        OnError::Allow => "allow",
+                    },
+                    hooks,
+                }
+            })
+            .collect()
+    }
+
+    pub fn wants_access(&self) -> bool {
+        self.plugins.iter().any(|l| l.plugin.hooks.on_access)
+    }
+
+    pub fn wants_evict(&self) -> bool {
+        self.plugins.iter().any(|l| l.plugin.hooks.on_evict)
+    }
+
+    fn record(&self, plugin: &Plugin, hook: &'static str, outcome: &'static str) {
+        self.metrics.policy_call(&plugin.name, hook, outcome);
+    }
+
+    /// A failed plugin: logged, counted, and resolved by its `on_error`.
+    fn failed(&self, l: &Loaded, hook: &'static str, failure: &PluginFailure) -> Option<Refusal> {
+        self.record(&l.plugin, hook, "error");
+        self.metrics.policy_failure(&l.plugin.name, failure.kind());
+        tracing::warn!(
+            plugin = %l.plugin.path,
+            hook,
+            failure = %failure,
+            on_error = ?l.on_error,
+            "policy plugin failed"
+        );
+        match l.on_error {
+            OnError::Allow => None,
+            OnError::Deny => Some(Refusal::Failed {
+                plugin: l.plugin.name.to_string(),
+            }),
+        }
+    }
+
+    /// Runs the create hooks in order; each sees the session as the ones
+    /// before left it.
+    pub fn on_create(
+        &self,
+        session: &mut Session,
+        request: Option<&RequestInfo>,
+        now: i64,
+    ) -> Result<(), Refusal> {
+        let request = request.map(request_to_wit);
+        for l in self.plugins.iter().filter(|l| l.plugin.hooks.on_create) {
+            let input = to_wit(session);
+            let result = l
+                .plugin
+                .call(|p, store| p.call_on_create(store, &input, request.as_ref(), now))
+                .and_then(|r| match r {
+                    Ok(creation) => {
+                        let expires_at = creation
+                            .expires_at
+                            .map(|at| check_expiry(at, now))
+                            .transpose()?;
+                        let mut attributes = session.attributes.clone();
+                        attributes.extend(creation.attributes);
+                        session::validate_attributes(&attributes)
+                            .map_err(PluginFailure::InvalidDecision)?;
+                        Ok(Ok((expires_at, attributes)))
+                    }
+                    Err(denial) => check_denial(denial).map(Err),
+                });
+            match result {
+                Ok(Ok((expires_at, attributes))) => {
+                    self.record(&l.plugin, "create", "allow");
+                    if let Some(at) = expires_at {
+                        session.expires_at = at;
+                    }
+                    session.attributes = attributes;
+                }
+                Ok(Err(refusal)) => {
+                    self.record(&l.plugin, "create", "deny");
+                    return Err(refusal);
+                }
+                Err(failure) => {
+                    if let Some(refusal) = self.failed(l, "create", &failure) {
+                        return Err(refusal);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the access hooks in order; the first denial wins, and each
+    /// plugin sees the expiry the ones before it set.
+    pub fn on_access(&self, session: &Session, request: &RequestInfo, now: i64) -> AccessOutcome {
+        let mut expires_at = session.expires_at;
+        let mut extended = false;
+        let request = request_to_wit(request);
+        let mut input: Option<wit::Session> = None;
+        for l in self.plugins.iter().filter(|l| l.plugin.hooks.on_access) {
+            let view = input.get_or_insert_with(|| to_wit(session));
+            view.expires_at = expires_at;
+            let result = l
+                .plugin
+                .call(|p, store| p.call_on_access(store, view, &request, now))
+                .and_then(|decision| match decision {
+                    wit::Access::Allow => Ok(None),
+                    wit::Access::Extend(at) => check_expiry(at, now).map(|at| Some(Ok(at))),
+                    wit::Access::Deny(d) => check_denial(d).map(|r| Some(Err(r))),
+                });
+            match result {
+                Ok(None) => self.record(&l.plugin, "access", "allow"),
+                Ok(Some(Ok(at))) => {
+                    self.record(&l.plugin, "access", "extend");
+                    expires_at = at;
+                    extended = true;
+                }
+                Ok(Some(Err(refusal))) => {
+                    self.record(&l.plugin, "access", "deny");
+                    return AccessOutcome::Refuse(refusal);
+                }
+                Err(failure) => {
+                    if let Some(refusal) = self.failed(l, "access", &failure) {
+                        return AccessOutcome::Refuse(refusal);
+                    }
+                }
+            }
+        }
+        if extended && expires_at != session.expires_at {
+            AccessOutcome::Extend(expires_at)
+        } else {
+            AccessOutcome::Allow
+        }
+    }
+
+    /// Runs the eviction hooks; returns the ids of `live` sessions to
+    /// revoke. A failing plugin evicts nothing (whatever its `on_error`:
+    /// the login itself has already succeeded).
+    pub fn on_evict(&self, created: &Session, live: &[Session], now: i64) -> Vec<Uuid> {
+        let created_view = to_wit(created);
+        let mut remaining: Vec<&Session> = live.iter().filter(|s| s.id != created.id).collect();
+        let mut evicted = Vec::new();
+        for l in self.plugins.iter().filter(|l| l.plugin.hooks.on_evict) {
+            let views: Vec<wit::Session> = remaining.iter().map(|s| to_wit(s)).collect();
+            match l
+                .plugin
+                .call(|p, store| p.call_on_evict(store, &created_view, &views, now))
+            {
+                Ok(ids) => {
+                    self.record(&l.plugin, "evict", "allow");
+                    for id in ids {
+                        match Uuid::parse_str(&id) {
+                            Ok(id) if remaining.iter().any(|s| s.id == id) => {
+                                remaining.retain(|s| s.id != id);
+                                evicted.push(id);
+                            }
+                            _ => tracing::warn!(
+                                plugin = %l.plugin.path,
+                                id,
+                                "eviction named a session that is not one of the user's others; ignored"
+                            ),
+                        }
+                    }
+                }
+                Err(failure) => {
+                    let _ = self.failed(l, "evict", &failure);
+                }
+            }
+        }
+        evicted
+    }
+}
+
+/// The running chain, swapped whole on reload.
+pub struct Policies {
+    current: ArcSwap<PolicyChain>,
+    configs: Vec<PolicyConfig>,
+    metrics: Arc<Metrics>,
+    /// Serializes reloads so two never interleave.
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Policies {
+    pub fn new(chain: PolicyChain, configs: Vec<PolicyConfig>, metrics: Arc<Metrics>) -> Policies {
+        Policies {
+            current: ArcSwap::from_pointee(chain),
+            configs,
+            metrics,
+            reload_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The chain for one request; it stays valid however many reloads
+    /// happen while the request runs.
+    pub fn chain(&self) -> Arc<PolicyChain> {
+        self.current.load_full()
+    }
+
+    pub fn configs(&self) -> &[PolicyConfig] {
+        &self.configs
+    }
+
+    /// Reloads every plugin from disk, off the request path, and swaps the
+    /// new chain in; on failure the old chain stays.
+    pub async fn reload(&self) -> Result<Vec<PluginInfo>, LoadError> {
+        let _guard = self.reload_lock.lock().await;
+        let configs = self.configs.clone();
+        let metrics = self.metrics.clone();
+        let loaded = tokio::task::spawn_blocking(move || PolicyChain::load(&configs, metrics))
+            .await
+            .unwrap_or_else(|e| {
+                Err(LoadError::Compile {
+                    path: "(reload)".into(),
+                    reason: format!("the loader panicked: {e}"),
+                })
+            });
+        match loaded {
+            Ok(chain) => {
+                let info = chain.info();
+                self.current.store(Arc::new(chain));
+                self.metrics.policy_reload("ok");
+                tracing::info!(plugins = info.len(), "policy chain reloaded");
+                Ok(info)
+            }
+            Err(e) => {
+                self.metrics.policy_reload("error");
+                tracing::warn!(error = %e, "policy reload failed; the previous chain stays in service");
+                Err(e)
+            }
+        }
+    }
+
+    /// Fingerprints of the plugin files (modification time and size),
+    /// for the file watcher.
+    pub fn file_stamps(&self) -> Vec<Option<(SystemTime, u64)>> {
+        self.configs
+            .iter()
+            .map(|c| {
+                std::fs::metadata(&c.plugin)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            })
+            .collect()
+    }
+}
+
+/// Attribute maps from WIT pairs (for tools like `plugin try`).
+pub fn attributes_from_pairs(pairs: Vec<(String, String)>) -> BTreeMap<String, String> {
+    pairs.into_iter().collect()
+}
