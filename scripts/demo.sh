@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Starts the bundled demo app and sessiongate in front of it, with the
-# reference gateway.toml, on the embedded store. Ctrl-C stops both.
+# reference gateway.toml, on the embedded store, with the bundled policy
+# plugins (built from plugins/ first). Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/build-plugins.sh
 cargo build --release --bin sessiongate --example demo_app
 
 target/release/examples/demo_app &

@@ -158,6 +158,7 @@ impl Admin {
                 );
                 Ok(resp)
             }
+            (_, ["healthz" | "readyz" | "metrics"]) => Err(AdminError::MethodNotAllowed),
             (_, ["v1", ..]) if !self.authorized(&req) => Err(AdminError::Unauthorized),
             (&Method::POST, ["v1", "sessions"]) => self.create(req).await,
             (_, ["v1", "sessions"]) => Err(AdminError::MethodNotAllowed),

@@ -6,7 +6,7 @@
 //! problem instead of stopping at the first, so that an operator fixes a
 //! broken file in one pass. Nothing outside this module sees the raw form.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,9 @@ pub enum ConfigError {
 pub struct Problem {
     pub key: String,
     pub message: String,
+    /// Where the bad value came from when not the file: an environment
+    /// variable's name.
+    pub origin: Option<String>,
 }
 
 impl fmt::Display for Problem {
@@ -44,7 +47,10 @@ impl fmt::Display for Problem {
 }
 
 fn format_problems(file: &str, problems: &[Problem]) -> String {
-    let lines: Vec<String> = problems.iter().map(|p| format!("{file}: {p}")).collect();
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{}: {p}", p.origin.as_deref().unwrap_or(file)))
+        .collect();
     lines.join("\n")
 }
 
@@ -63,8 +69,10 @@ impl ConfigError {
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     #[serde(default)]
     server: RawServer,
     admin: Option<RawAdmin>,
@@ -85,30 +93,38 @@ struct RawConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawPlugins {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     watch: Option<bool>,
     watch_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawServer {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     listen: Option<String>,
     max_connections: Option<u64>,
     shutdown_grace_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawAdmin {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     listen: Option<String>,
     token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawStore {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     redis_url: Option<String>,
     database_url: Option<String>,
     local_cache_ttl_ms: Option<u64>,
@@ -127,8 +143,10 @@ struct RawStore {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawSession {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     cookie_name: Option<String>,
     cookie_secure: Option<bool>,
     user_header: Option<String>,
@@ -140,15 +158,19 @@ struct RawSession {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawLog {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     format: Option<String>,
     level: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawUpstream {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     name: Option<String>,
     #[serde(default)]
     urls: Vec<String>,
@@ -157,8 +179,10 @@ struct RawUpstream {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRoute {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     prefix: Option<String>,
     upstream: Option<String>,
     auth: Option<String>,
@@ -166,8 +190,10 @@ struct RawRoute {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawPolicy {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
     plugin: Option<String>,
     config: Option<figment::value::Value>,
     on_error: Option<String>,
@@ -184,6 +210,9 @@ struct RawPolicy {
 pub struct Config {
     /// Where the configuration came from, for messages.
     pub source: String,
+    /// The file it was read from, if any: policy reloads read its
+    /// `[[policies]]` again.
+    pub path: Option<PathBuf>,
     pub server: ServerConfig,
     pub admin: Option<AdminConfig>,
     pub store: StoreConfig,
@@ -370,7 +399,9 @@ impl Config {
             .merge(Toml::file_exact(path))
             .merge(Env::prefixed(ENV_PREFIX).split("__"));
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Self::from_figment(figment, &file, &base)
+        let mut config = Self::from_figment(figment, &file, &base)?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses TOML text alone, without the environment: for tests and
@@ -400,7 +431,11 @@ impl Config {
                     } else {
                         e.kind.to_string()
                     };
-                    Problem { key, message }
+                    Problem {
+                        key,
+                        message,
+                        origin: None,
+                    }
                 })
                 .collect();
             ConfigError::Invalid {
@@ -408,11 +443,45 @@ impl Config {
                 problems,
             }
         })?;
-        Self::from_raw(raw, file, base)
+        Self::from_raw(raw, file, base).map_err(|mut e| {
+            // Name the environment variable a bad value came from, so the
+            // operator does not look for it in the file.
+            if let ConfigError::Invalid { problems, .. } = &mut e {
+                for p in problems.iter_mut() {
+                    let from_env = !p.key.contains('[')
+                        && figment
+                            .find_metadata(&p.key)
+                            .is_some_and(|m| m.name.contains("environment"));
+                    if from_env {
+                        let var = p.key.to_uppercase().replace('.', "__");
+                        p.origin = Some(format!("environment variable {ENV_PREFIX}{var}"));
+                    }
+                }
+            }
+            e
+        })
     }
 
     fn from_raw(raw: RawConfig, file: &str, base: &Path) -> Result<Config, ConfigError> {
         let mut v = Validator::default();
+        v.unknown("", &raw.unknown);
+        v.unknown("server", &raw.server.unknown);
+        if let Some(admin) = &raw.admin {
+            v.unknown("admin", &admin.unknown);
+        }
+        v.unknown("store", &raw.store.unknown);
+        v.unknown("session", &raw.session.unknown);
+        v.unknown("log", &raw.log.unknown);
+        v.unknown("plugins", &raw.plugins.unknown);
+        for (i, u) in raw.upstreams.iter().enumerate() {
+            v.unknown(&format!("upstreams[{i}]"), &u.unknown);
+        }
+        for (i, r) in raw.routes.iter().enumerate() {
+            v.unknown(&format!("routes[{i}]"), &r.unknown);
+        }
+        for (i, p) in raw.policies.iter().enumerate() {
+            v.unknown(&format!("policies[{i}]"), &p.unknown);
+        }
 
         let server = ServerConfig {
             listen: v.addr(
@@ -755,6 +824,7 @@ impl Config {
         if v.problems.is_empty() {
             Ok(Config {
                 source: file.to_string(),
+                path: None,
                 server,
                 admin,
                 store,
@@ -824,7 +894,19 @@ impl Validator {
         self.problems.push(Problem {
             key: key.into(),
             message: message.into(),
+            origin: None,
         });
+    }
+
+    fn unknown(&mut self, table: &str, keys: &BTreeMap<String, figment::value::Value>) {
+        for key in keys.keys() {
+            let path = if table.is_empty() {
+                key.clone()
+            } else {
+                format!("{table}.{key}")
+            };
+            self.problem(path, "unknown key");
+        }
     }
 
     fn addr(&mut self, key: &str, value: Option<&str>, default: &str) -> SocketAddr {

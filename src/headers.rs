@@ -10,6 +10,8 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const SG_LOGIN: HeaderName = HeaderName::from_static("x-sessiongate-login");
 pub const SG_ATTRIBUTES: HeaderName = HeaderName::from_static("x-sessiongate-attributes");
 pub const SG_LOGOUT: HeaderName = HeaderName::from_static("x-sessiongate-logout");
+pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 

@@ -252,6 +252,11 @@ impl Gateway {
                 });
                 let (mut parts, _) = resp.into_parts();
                 h::strip_hop_by_hop(&mut parts.headers, true);
+                // Sessions begin and end on ordinary responses only; on a
+                // handshake these headers are dropped, never passed on.
+                parts.headers.remove(h::SG_LOGIN);
+                parts.headers.remove(h::SG_ATTRIBUTES);
+                parts.headers.remove(h::SG_LOGOUT);
                 return Ok(Response::from_parts(parts, body::empty()));
             }
             return Err(ProxyError::UpstreamProtocol(
@@ -314,6 +319,9 @@ impl Gateway {
         headers.remove(h::SG_LOGIN);
         headers.remove(h::SG_ATTRIBUTES);
         headers.remove(h::SG_LOGOUT);
+        // Other forwarding headers a client could forge.
+        headers.remove(h::FORWARDED);
+        headers.remove(h::X_REAL_IP);
         if !session.forward_token {
             h::remove_cookie(headers, &session.cookie_name);
             if h::bearer_token(headers).is_some_and(token::looks_like_token) {

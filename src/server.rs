@@ -309,17 +309,23 @@ pub async fn load_policies(config: &Config, metrics: Arc<Metrics>) -> Result<Pol
             file: config.source.clone(),
             reason: e.to_string(),
         })?;
-    Ok(Policies::new(chain, config.policies.clone(), metrics))
+    Ok(Policies::new(
+        chain,
+        config.policies.clone(),
+        config.path.clone(),
+        metrics,
+    ))
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP
 /// reloads the policy plugins.
 pub async fn run(config: Config) -> Result<(), StartError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let running = start(config).await?;
+    // Handlers first: a signal that arrives while starting is not lost.
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let running = start(config).await?;
     loop {
         tokio::select! {
             _ = term.recv() => break,

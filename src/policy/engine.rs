@@ -1,7 +1,10 @@
 //! The one wasmtime [`Engine`] every plugin shares, and its epoch ticker.
 //!
-//! Settings: epoch interruption (a ticker thread advances the epoch every
-//! [`TICK`]; a call's time limit is a number of ticks), a bounded guest
+//! Settings: fuel (a call's time limit is a budget of fuel, about a
+//! million units per millisecond of guest work: deterministic, and not
+//! spent while the thread is preempted, so a busy machine does not fail
+//! innocent calls), epoch interruption as the wall-clock backstop (a ticker
+//! thread advances the epoch every [`TICK`]), a bounded guest
 //! stack, the pooling instance allocator (instantiation in microseconds,
 //! memory reserved up front), and no component-model concurrency support
 //! (it costs every call and our hooks are synchronous).
@@ -13,6 +16,10 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 /// The epoch period: the granularity of plugin time limits.
 pub const TICK: Duration = Duration::from_millis(1);
+
+/// Fuel per millisecond of a plugin's time limit (measured: an empty
+/// loop burns about a million units per millisecond).
+pub const FUEL_PER_MS: u64 = 1_000_000;
 
 /// Largest memory any plugin may be given.
 pub const MAX_PLUGIN_MEMORY: usize = 256 << 20;
@@ -31,6 +38,7 @@ pub fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        config.consume_fuel(true);
         config.max_wasm_stack(MAX_WASM_STACK);
         config.concurrency_support(false);
         let mut pool = PoolingAllocationConfig::default();

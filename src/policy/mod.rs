@@ -373,17 +373,25 @@ impl PolicyChain {
 /// The running chain, swapped whole on reload.
 pub struct Policies {
     current: ArcSwap<PolicyChain>,
-    configs: Vec<PolicyConfig>,
+    configs: ArcSwap<Vec<PolicyConfig>>,
+    /// The config file whose `[[policies]]` a reload reads again.
+    source: Option<std::path::PathBuf>,
     metrics: Arc<Metrics>,
     /// Serializes reloads so two never interleave.
     reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl Policies {
-    pub fn new(chain: PolicyChain, configs: Vec<PolicyConfig>, metrics: Arc<Metrics>) -> Policies {
+    pub fn new(
+        chain: PolicyChain,
+        configs: Vec<PolicyConfig>,
+        source: Option<std::path::PathBuf>,
+        metrics: Arc<Metrics>,
+    ) -> Policies {
         Policies {
             current: ArcSwap::from_pointee(chain),
-            configs,
+            configs: ArcSwap::from_pointee(configs),
+            source,
             metrics,
             reload_lock: tokio::sync::Mutex::new(()),
         }
@@ -395,17 +403,30 @@ impl Policies {
         self.current.load_full()
     }
 
-    pub fn configs(&self) -> &[PolicyConfig] {
-        &self.configs
+    pub fn configs(&self) -> Arc<Vec<PolicyConfig>> {
+        self.configs.load_full()
     }
 
-    /// Reloads every plugin from disk, off the request path, and swaps the
-    /// new chain in; on failure the old chain stays.
+    /// Reads the `[[policies]]` of the config file again (when the gateway
+    /// was started from one) and reloads every plugin from disk, off the
+    /// request path, then swaps the new chain in; on any failure the old
+    /// chain stays. Other config changes need a restart.
     pub async fn reload(&self) -> Result<Vec<PluginInfo>, LoadError> {
         let _guard = self.reload_lock.lock().await;
-        let configs = self.configs.clone();
+        let configs: Vec<PolicyConfig> = match &self.source {
+            Some(path) => match crate::config::Config::load(path) {
+                Ok(config) => config.policies,
+                Err(e) => {
+                    self.metrics.policy_reload("error");
+                    tracing::warn!(error = %e, "policy reload failed; the previous chain stays in service");
+                    return Err(LoadError::Config(e.to_string()));
+                }
+            },
+            None => self.configs.load().as_ref().clone(),
+        };
         let metrics = self.metrics.clone();
-        let loaded = tokio::task::spawn_blocking(move || PolicyChain::load(&configs, metrics))
+        let to_load = configs.clone();
+        let loaded = tokio::task::spawn_blocking(move || PolicyChain::load(&to_load, metrics))
             .await
             .unwrap_or_else(|e| {
                 Err(LoadError::Compile {
@@ -417,6 +438,7 @@ impl Policies {
             Ok(chain) => {
                 let info = chain.info();
                 self.current.store(Arc::new(chain));
+                self.configs.store(Arc::new(configs));
                 self.metrics.policy_reload("ok");
                 tracing::info!(plugins = info.len(), "policy chain reloaded");
                 Ok(info)
@@ -429,17 +451,24 @@ impl Policies {
         }
     }
 
-    /// Fingerprints of the plugin files (modification time and size),
-    /// for the file watcher.
+    /// Fingerprints (modification time and size) of the plugin files and
+    /// of the config file, for the file watcher.
     pub fn file_stamps(&self) -> Vec<Option<(SystemTime, u64)>> {
-        self.configs
+        let stamp = |path: &std::path::Path| {
+            std::fs::metadata(path)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        };
+        let mut stamps: Vec<_> = self
+            .configs
+            .load()
             .iter()
-            .map(|c| {
-                std::fs::metadata(&c.plugin)
-                    .ok()
-                    .and_then(|m| Some((m.modified().ok()?, m.len())))
-            })
-            .collect()
+            .map(|c| stamp(&c.plugin))
+            .collect();
+        if let Some(source) = &self.source {
+            stamps.push(stamp(source));
+        }
+        stamps
     }
 }
 

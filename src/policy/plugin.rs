@@ -3,8 +3,9 @@
 //!
 //! Instances are made once (instantiate + `init`) and reused across
 //! requests, so a hook call costs about a microsecond rather than the
-//! ~25 µs of a fresh store. Each call gets an epoch deadline (its time
-//! limit) and runs under a [`ResourceLimiter`] (its memory limit). A trap
+//! ~25 µs of a fresh store. Each call gets a fuel budget (its time limit,
+//! with an epoch deadline as the wall-clock backstop) and runs under a
+//! [`ResourceLimiter`] (its memory limit). A trap
 //! — a panic, a timeout, memory refused, a stack overflow — poisons the
 //! store, so that instance is dropped, never returned to the pool; the
 //! next call gets a fresh one.
@@ -18,7 +19,7 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 
 use super::bindings::sessiongate::policy::{host, types};
 use super::bindings::{Policy, PolicyPre};
-use super::engine::{TICK, engine};
+use super::engine::{FUEL_PER_MS, TICK, engine};
 
 /// How a plugin's call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +61,8 @@ pub enum LoadError {
     Compile { path: String, reason: String },
     #[error("{path}: init failed: {reason}")]
     Init { path: String, reason: String },
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Limits for one plugin's calls.
@@ -250,12 +253,12 @@ impl Plugin {
         );
         store.limiter(|state| state);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
+        self.arm(&mut store);
         let bindings = self
             .pre
             .instantiate(&mut store)
             .map_err(|e| InitFailure::Failed(classify(&store, e)))?;
-        store.set_epoch_deadline(self.deadline_ticks());
+        self.arm(&mut store);
         let hooks = match bindings.call_init(&mut store, &self.config_json) {
             Ok(Ok(hooks)) => hooks,
             Ok(Err(reason)) => return Err(InitFailure::Rejected(reason)),
@@ -264,8 +267,15 @@ impl Plugin {
         Ok((Slot { store, bindings }, hooks))
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        (self.limits.timeout.as_micros() / TICK.as_micros()).max(1) as u64
+    /// Gives a store the budget for one call: fuel for the time limit,
+    /// and an epoch deadline well past it as the wall-clock backstop.
+    fn arm(&self, store: &mut Store<HostState>) {
+        let ms = self.limits.timeout.as_millis().max(1) as u64;
+        // Setting fuel only fails when fuel is not enabled, and it is.
+        let _ = store.set_fuel(ms.saturating_mul(FUEL_PER_MS));
+        let backstop = self.limits.timeout * 10 + std::time::Duration::from_millis(100);
+        store.set_epoch_deadline((backstop.as_micros() / TICK.as_micros()).max(1) as u64);
+        store.data_mut().memory_refused = false;
     }
 
     /// Runs `f` on a pooled instance within the plugin's limits.
@@ -284,8 +294,7 @@ impl Plugin {
                 Err(InitFailure::Failed(f)) => return Err(f),
             },
         };
-        slot.store.set_epoch_deadline(self.deadline_ticks());
-        slot.store.data_mut().memory_refused = false;
+        self.arm(&mut slot.store);
         match f(&slot.bindings, &mut slot.store) {
             Ok(result) => {
                 let mut idle = self.idle.lock().expect("idle lock");
@@ -310,7 +319,7 @@ fn classify(store: &Store<HostState>, e: wasmtime::Error) -> PluginFailure {
         return PluginFailure::OutOfMemory;
     }
     match e.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => PluginFailure::Timeout,
+        Some(Trap::Interrupt | Trap::OutOfFuel) => PluginFailure::Timeout,
         Some(Trap::StackOverflow) => PluginFailure::StackOverflow,
         Some(trap) => PluginFailure::Trap(trap.to_string()),
         None => PluginFailure::Trap(format!("{e:#}")),

@@ -495,14 +495,11 @@ impl SessionStore {
         Ok(())
     }
 
-    /// Revokes the session held under `key`; true if there was one.
+    /// Revokes the session held under `key`; true if there was a live one
+    /// (an expired one not yet swept is deleted too, but not counted).
     pub async fn revoke(&self, key: &TokenHash) -> StoreResult<bool> {
         match self.inner.durable.delete(key).await? {
-            Some(expires_at) => {
-                self.revoke_in_fast(vec![(*key, expires_at)]).await?;
-                self.inner.metrics.sessions_revoked.inc();
-                Ok(true)
-            }
+            Some(expires_at) => self.revoked(vec![(*key, expires_at)]).await.map(|n| n > 0),
             None => {
                 if self.fast_trusted() {
                     // Nothing durable: make sure no stale copy lingers.
@@ -515,24 +512,28 @@ impl SessionStore {
         }
     }
 
-    /// Revokes a session by its public id; true if there was one.
+    /// Revokes a session by its public id; true if there was a live one.
     pub async fn revoke_id(&self, id: Uuid) -> StoreResult<bool> {
         match self.inner.durable.delete_by_id(id).await? {
-            Some(entry) => {
-                self.revoke_in_fast(vec![entry]).await?;
-                self.inner.metrics.sessions_revoked.inc();
-                Ok(true)
-            }
+            Some(entry) => self.revoked(vec![entry]).await.map(|n| n > 0),
             None => Ok(false),
         }
     }
 
-    /// Revokes every session of a user; returns how many there were.
+    /// Revokes every session of a user; returns how many live ones there were.
     pub async fn revoke_user(&self, user_id: &str) -> StoreResult<u64> {
         let entries = self.inner.durable.delete_user(user_id).await?;
-        let n = entries.len() as u64;
-        if !entries.is_empty() {
-            self.revoke_in_fast(entries).await?;
+        self.revoked(entries).await
+    }
+
+    /// Finishes revocations deleted from the durable tier: the fast tier
+    /// and the revocation log for the live ones. Returns how many were live.
+    async fn revoked(&self, entries: Vec<(TokenHash, i64)>) -> StoreResult<u64> {
+        let now = now_ms();
+        let live: Vec<(TokenHash, i64)> = entries.into_iter().filter(|(_, e)| *e > now).collect();
+        let n = live.len() as u64;
+        if !live.is_empty() {
+            self.revoke_in_fast(live).await?;
         }
         self.inner.metrics.sessions_revoked.inc_by(n);
         Ok(n)

@@ -1,1 +1,1040 @@
-//! (being written)
+//! Shared fixtures for the integration suite: a real upstream server and a
+//! gateway under test, both on loopback sockets bound to port 0.
+//!
+//! * [`TestUpstream`] is a small hyper 1 server. Requests are dispatched on
+//!   the **last path segment**, so the same endpoint is reachable below any
+//!   route prefix (`/public/login`, `/slow`, `/api/slow` ...):
+//!   - `login?user=U[&attrs=<urlencoded JSON>]` → echo + `x-sessiongate-login: U`
+//!     (+ `x-sessiongate-attributes`)
+//!   - `logout?scope=current|all` → echo + `x-sessiongate-logout: <scope>`
+//!   - `slow?ms=N` → waits N ms, then echo
+//!   - `upload` → streams the body through SHA-256: `{"len", "sha256"}`
+//!   - `download?bytes=N[&pause_ms=M][&fail_after=K]` → N bytes of
+//!     [`PseudoRandom`] in 64 KiB chunks (pausing M ms after the first
+//!     chunk; breaking the connection after K chunks)
+//!   - `hop-response` → echo, with hop-by-hop headers in the response
+//!   - `ws[?login=U]` (upgrade requests only) → WebSocket echo; the 101
+//!     carries `x-seen-user-id` (the `x-user-id` it got) and, with `login`,
+//!     `x-sessiongate-login: U`
+//!   - anything else → 200 `{"method","path","query","headers","body"}`
+//!
+//!   Every response carries `x-upstream-name` when the upstream has a name.
+//! * [`GatewayUnderTest`] runs `sessiongate::server::start` on a config
+//!   built from a [`GatewaySpec`], with its SQLite file in a temp dir.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use sessiongate::config::Config;
+use sessiongate::server::{self, RunningGateway};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// The admin token every test gateway uses.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// The session cookie's (default) name.
+pub const COOKIE: &str = "sg_session";
+/// Chunk size of `/download`.
+pub const DOWNLOAD_CHUNK: usize = 64 * 1024;
+
+// ---------------------------------------------------------------------------
+// Deterministic bytes, hex, URL encoding
+// ---------------------------------------------------------------------------
+
+/// xorshift64 seeded with 1; the byte stream does not depend on how it is
+/// cut into chunks, so both ends can compute the same SHA-256.
+pub struct PseudoRandom {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Default for PseudoRandom {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PseudoRandom {
+    pub fn new() -> PseudoRandom {
+        PseudoRandom {
+            state: 1,
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf.iter_mut() {
+            if self.used == 8 {
+                let mut x = self.state;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                self.state = x;
+                self.word = x.to_le_bytes();
+                self.used = 0;
+            }
+            *b = self.word[self.used];
+            self.used += 1;
+        }
+    }
+
+    /// The next `len` bytes.
+    pub fn chunk(&mut self, len: usize) -> Bytes {
+        let mut buf = vec![0u8; len];
+        self.fill(&mut buf);
+        Bytes::from(buf)
+    }
+
+    /// (length, hex SHA-256) of the first `n` bytes of the stream.
+    pub fn digest_of_first(n: usize) -> (usize, String) {
+        let mut rng = PseudoRandom::new();
+        let mut hasher = Sha256::new();
+        let mut left = n;
+        let mut buf = vec![0u8; DOWNLOAD_CHUNK];
+        while left > 0 {
+            let len = left.min(buf.len());
+            rng.fill(&mut buf[..len]);
+            hasher.update(&buf[..len]);
+            left -= len;
+        }
+        (n, hex(&hasher.finalize()))
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn url_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn parse_query(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) => (url_decode(k), url_decode(v)),
+            None => (url_decode(pair), String::new()),
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The upstream test server
+// ---------------------------------------------------------------------------
+
+type UpBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+struct UpstreamState {
+    name: Option<String>,
+    hits: AtomicUsize,
+    connections: AtomicUsize,
+    /// Bytes `/upload` has received so far, over all requests.
+    uploaded: AtomicUsize,
+}
+
+/// A real HTTP/1.1 upstream on 127.0.0.1:<random port>.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+    accept: JoinHandle<()>,
+}
+
+impl TestUpstream {
+    pub async fn start() -> TestUpstream {
+        Self::spawn(None).await
+    }
+
+    /// An upstream that answers with `x-upstream-name: <name>`.
+    pub async fn named(name: &str) -> TestUpstream {
+        Self::spawn(Some(name.to_string())).await
+    }
+
+    async fn spawn(name: Option<String>) -> TestUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState {
+            name,
+            hits: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            uploaded: AtomicUsize::new(0),
+        });
+        let st = state.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| upstream_handle(req, st.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        TestUpstream {
+            addr,
+            state,
+            accept,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`, for `upstreams[].urls`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Body bytes `/upload` has received so far (updated as they arrive).
+    pub fn uploaded(&self) -> usize {
+        self.state.uploaded.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// A URL on loopback where nothing listens (a bound-then-dropped port).
+pub fn closed_url() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().unwrap().port()
+}
+
+fn full(body: impl Into<Bytes>) -> UpBody {
+    Full::new(body.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<UpBody> {
+    let mut resp = Response::new(full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(hyper::header::UPGRADE)
+}
+
+async fn upstream_handle(
+    req: Request<Incoming>,
+    st: Arc<UpstreamState>,
+) -> Result<Response<UpBody>, Infallible> {
+    st.hits.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    let params = parse_query(req.uri().query().unwrap_or(""));
+    let endpoint = path.rsplit('/').next().unwrap_or("").to_string();
+    let mut resp = match endpoint.as_str() {
+        "upload" => upload(req.into_body(), &st).await,
+        "download" => {
+            let n = params
+                .get("bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let pause = params
+                .get("pause_ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let fail_after = params.get("fail_after").and_then(|v| v.parse().ok());
+            download(n, pause, fail_after)
+        }
+        "ws" if is_upgrade(&req) => {
+            let mut resp = websocket(req);
+            if let Some(user) = params.get("login")
+                && let Ok(v) = HeaderValue::from_str(user)
+            {
+                resp.headers_mut().insert("x-sessiongate-login", v);
+            }
+            resp
+        }
+        "slow" => {
+            let ms = params.get("ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            echo(req).await
+        }
+        "login" => {
+            let mut resp = echo(req).await;
+            if let Some(user) = params.get("user")
+                && let Ok(v) = HeaderValue::from_str(user)
+            {
+                resp.headers_mut().insert("x-sessiongate-login", v);
+            }
+            if let Some(attrs) = params.get("attrs")
+                && let Ok(v) = HeaderValue::from_str(attrs)
+            {
+                resp.headers_mut().insert("x-sessiongate-attributes", v);
+            }
+            resp
+        }
+        "logout" => {
+            let mut resp = echo(req).await;
+            let scope = params
+                .get("scope")
+                .cloned()
+                .unwrap_or_else(|| "current".into());
+            if let Ok(v) = HeaderValue::from_str(&scope) {
+                resp.headers_mut().insert("x-sessiongate-logout", v);
+            }
+            resp
+        }
+        "hop-response" => {
+            let mut resp = echo(req).await;
+            let h = resp.headers_mut();
+            h.insert("connection", HeaderValue::from_static("x-upstream-hop"));
+            h.insert("x-upstream-hop", HeaderValue::from_static("1"));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert("x-upstream-kept", HeaderValue::from_static("1"));
+            resp
+        }
+        _ => echo(req).await,
+    };
+    if let Some(name) = &st.name
+        && let Ok(v) = HeaderValue::from_str(name)
+    {
+        resp.headers_mut().insert("x-upstream-name", v);
+    }
+    Ok(resp)
+}
+
+/// 200 `{"method","path","query","headers":{name: value},"body"}`;
+/// repeated headers are joined with ", ".
+async fn echo(req: Request<Incoming>) -> Response<UpBody> {
+    let (parts, body) = req.into_parts();
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in parts.headers.iter() {
+        let v = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        headers
+            .entry(name.as_str().to_string())
+            .and_modify(|e| {
+                e.push_str(", ");
+                e.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    let body = match body.collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Err(e) => format!("<body error: {e}>"),
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query().unwrap_or(""),
+            "headers": headers,
+            "body": body,
+        }),
+    )
+}
+
+async fn upload(mut body: Incoming, st: &UpstreamState) -> Response<UpBody> {
+    let mut hasher = Sha256::new();
+    let mut len: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    hasher.update(data);
+                    len += data.len() as u64;
+                    st.uploaded.fetch_add(data.len(), Ordering::SeqCst);
+                }
+            }
+            Err(e) => {
+                return json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({ "error": e.to_string(), "len": len }),
+                );
+            }
+        }
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({ "len": len, "sha256": hex(&hasher.finalize()) }),
+    )
+}
+
+fn download(n: usize, pause_ms: u64, fail_after: Option<usize>) -> Response<UpBody> {
+    struct St {
+        rng: PseudoRandom,
+        left: usize,
+        sent: usize,
+    }
+    let start = St {
+        rng: PseudoRandom::new(),
+        left: n,
+        sent: 0,
+    };
+    let stream = futures_util::stream::unfold(start, move |mut st| async move {
+        if st.left == 0 {
+            return None;
+        }
+        if fail_after == Some(st.sent) {
+            // The stream breaks: hyper aborts the connection mid-body.
+            st.left = 0;
+            return Some((Err(std::io::Error::other("upstream broke off")), st));
+        }
+        if st.sent == 1 && pause_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        }
+        let len = st.left.min(DOWNLOAD_CHUNK);
+        let chunk = st.rng.chunk(len);
+        st.left -= len;
+        st.sent += 1;
+        Some((Ok::<_, std::io::Error>(Frame::data(chunk)), st))
+    });
+    let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
+}
+
+fn websocket(mut req: Request<Incoming>) -> Response<UpBody> {
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return json_response(StatusCode::BAD_REQUEST, &json!({"error": "no key"}));
+    };
+    let seen_user = req.headers().get("x-user-id").cloned();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    h.insert(
+        "sec-websocket-accept",
+        HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
+    );
+    if let Some(user) = seen_user {
+        h.insert(HeaderName::from_static("x-seen-user-id"), user);
+    }
+    resp
+}
+
+// ---------------------------------------------------------------------------
+// The gateway under test
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub urls: Vec<String>,
+    pub timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub prefix: String,
+    pub upstream: String,
+    pub auth: String,
+    pub login_redirect: Option<String>,
+}
+
+/// What goes into the gateway's TOML (besides listeners and the store,
+/// which the harness fills in).
+#[derive(Debug, Clone)]
+pub struct GatewaySpec {
+    pub upstreams: Vec<UpstreamSpec>,
+    pub routes: Vec<RouteSpec>,
+    pub cookie_secure: bool,
+    pub default_ttl_seconds: Option<u64>,
+    pub token_secret: Option<String>,
+    pub shutdown_grace_ms: Option<u64>,
+    /// Raw TOML appended at the end.
+    pub extra: String,
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GatewaySpec {
+    /// No upstreams or routes yet; `cookie_secure = true`.
+    pub fn new() -> GatewaySpec {
+        GatewaySpec {
+            upstreams: Vec::new(),
+            routes: Vec::new(),
+            cookie_secure: true,
+            default_ttl_seconds: None,
+            token_secret: None,
+            shutdown_grace_ms: None,
+            extra: String::new(),
+        }
+    }
+
+    /// Upstream `app` at `url` and the routes
+    /// `/public/` (none), `/opt/` (optional), `/web/` (required, browsers
+    /// redirected to `/login`) and `/` (required).
+    pub fn standard(url: &str) -> GatewaySpec {
+        GatewaySpec::new()
+            .upstream("app", &[url])
+            .route("/public/", "app", "none")
+            .route("/opt/", "app", "optional")
+            .route_with_redirect("/web/", "app", "/login")
+            .route("/", "app", "required")
+    }
+
+    pub fn upstream(mut self, name: &str, urls: &[&str]) -> Self {
+        self.upstreams.push(UpstreamSpec {
+            name: name.into(),
+            urls: urls.iter().map(|u| u.to_string()).collect(),
+            timeout_ms: None,
+            connect_timeout_ms: None,
+        });
+        self
+    }
+
+    pub fn upstream_with_timeout(mut self, name: &str, urls: &[&str], timeout_ms: u64) -> Self {
+        self = self.upstream(name, urls);
+        self.upstreams.last_mut().unwrap().timeout_ms = Some(timeout_ms);
+        self
+    }
+
+    pub fn route(mut self, prefix: &str, upstream: &str, auth: &str) -> Self {
+        self.routes.push(RouteSpec {
+            prefix: prefix.into(),
+            upstream: upstream.into(),
+            auth: auth.into(),
+            login_redirect: None,
+        });
+        self
+    }
+
+    /// A required route whose browsers are redirected to `location`.
+    pub fn route_with_redirect(mut self, prefix: &str, upstream: &str, location: &str) -> Self {
+        self.routes.push(RouteSpec {
+            prefix: prefix.into(),
+            upstream: upstream.into(),
+            auth: "required".into(),
+            login_redirect: Some(location.into()),
+        });
+        self
+    }
+
+    pub fn cookie_secure(mut self, secure: bool) -> Self {
+        self.cookie_secure = secure;
+        self
+    }
+
+    pub fn ttl_seconds(mut self, ttl: u64) -> Self {
+        self.default_ttl_seconds = Some(ttl);
+        self
+    }
+
+    pub fn token_secret(mut self, secret: &str) -> Self {
+        self.token_secret = Some(secret.into());
+        self
+    }
+
+    pub fn shutdown_grace_ms(mut self, ms: u64) -> Self {
+        self.shutdown_grace_ms = Some(ms);
+        self
+    }
+
+    /// The whole config file.
+    pub fn to_toml(&self, database_url: &str, listen: &str, admin_listen: &str) -> String {
+        let q = |s: &str| serde_json::to_string(s).unwrap(); // a valid TOML basic string
+        let mut t = String::new();
+        t.push_str(&format!("[server]\nlisten = {}\n", q(listen)));
+        if let Some(ms) = self.shutdown_grace_ms {
+            t.push_str(&format!("shutdown_grace_ms = {ms}\n"));
+        }
+        t.push_str(&format!(
+            "\n[admin]\nlisten = {}\ntoken = {}\n",
+            q(admin_listen),
+            q(ADMIN_TOKEN)
+        ));
+        t.push_str(&format!("\n[store]\ndatabase_url = {}\n", q(database_url)));
+        t.push_str(&format!(
+            "\n[session]\ncookie_secure = {}\n",
+            self.cookie_secure
+        ));
+        if let Some(ttl) = self.default_ttl_seconds {
+            t.push_str(&format!("default_ttl_seconds = {ttl}\n"));
+        }
+        if let Some(secret) = &self.token_secret {
+            t.push_str(&format!("token_secret = {}\n", q(secret)));
+        }
+        for u in &self.upstreams {
+            let urls: Vec<String> = u.urls.iter().map(|s| q(s)).collect();
+            t.push_str(&format!(
+                "\n[[upstreams]]\nname = {}\nurls = [{}]\n",
+                q(&u.name),
+                urls.join(", ")
+            ));
+            if let Some(ms) = u.timeout_ms {
+                t.push_str(&format!("timeout_ms = {ms}\n"));
+            }
+            if let Some(ms) = u.connect_timeout_ms {
+                t.push_str(&format!("connect_timeout_ms = {ms}\n"));
+            }
+        }
+        for r in &self.routes {
+            t.push_str(&format!(
+                "\n[[routes]]\nprefix = {}\nupstream = {}\nauth = {}\n",
+                q(&r.prefix),
+                q(&r.upstream),
+                q(&r.auth)
+            ));
+            if let Some(loc) = &r.login_redirect {
+                t.push_str(&format!("login_redirect = {}\n", q(loc)));
+            }
+        }
+        if !self.extra.is_empty() {
+            t.push('\n');
+            t.push_str(&self.extra);
+            t.push('\n');
+        }
+        t
+    }
+}
+
+/// The SQLite URL of `sg.db` in `dir`.
+pub fn database_url(dir: &TempDir) -> String {
+    format!("sqlite://{}/sg.db", dir.path().display())
+}
+
+/// A reqwest client for tests: no proxy, no redirects, bounded time.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
+/// A gateway started in-process on 127.0.0.1:0 with its own SQLite file.
+pub struct GatewayUnderTest {
+    running: Option<RunningGateway>,
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub spec: GatewaySpec,
+    pub dir: TempDir,
+    pub client: reqwest::Client,
+}
+
+impl GatewayUnderTest {
+    pub async fn start(spec: GatewaySpec) -> GatewayUnderTest {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(spec, dir).await
+    }
+
+    /// Starts with the config text passed through `edit` first (to add
+    /// keys to tables the spec writes).
+    pub async fn start_with(
+        spec: GatewaySpec,
+        edit: impl FnOnce(String) -> String,
+    ) -> GatewayUnderTest {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_edited(spec, dir, edit).await
+    }
+
+    /// Starts on the SQLite file already in `dir` (or a new one).
+    pub async fn start_in(spec: GatewaySpec, dir: TempDir) -> GatewayUnderTest {
+        Self::start_edited(spec, dir, |text| text).await
+    }
+
+    async fn start_edited(
+        spec: GatewaySpec,
+        dir: TempDir,
+        edit: impl FnOnce(String) -> String,
+    ) -> GatewayUnderTest {
+        let text = edit(spec.to_toml(&database_url(&dir), "127.0.0.1:0", "127.0.0.1:0"));
+        let config = Config::from_toml_str(&text)
+            .unwrap_or_else(|e| panic!("test config rejected: {e}\n---\n{text}"));
+        let running = server::start(config)
+            .await
+            .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
+        let addr = running.addr();
+        let admin_addr = running.admin_addr().expect("[admin] is configured");
+        GatewayUnderTest {
+            running: Some(running),
+            addr,
+            admin_addr,
+            spec,
+            dir,
+            client: client(),
+        }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
+    }
+
+    /// Shuts down gracefully; returns the directory holding the SQLite file.
+    pub async fn shutdown(mut self) -> TempDir {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+        self.dir
+    }
+
+    /// The running gateway itself (for shutdown tests).
+    pub fn take_running(&mut self) -> RunningGateway {
+        self.running.take().expect("gateway is running")
+    }
+
+    /// Shuts down and starts again on the same SQLite file and spec.
+    pub async fn restart(self) -> GatewayUnderTest {
+        let spec = self.spec.clone();
+        let dir = self.shutdown().await;
+        Self::start_in(spec, dir).await
+    }
+
+    /// `GET /public/login?user=..[&attrs=..]`, optionally presenting a token.
+    pub async fn login_response(
+        &self,
+        user: &str,
+        attrs: Option<&str>,
+        presenting: Option<&str>,
+    ) -> reqwest::Response {
+        let mut path = format!("/public/login?user={}", url_encode(user));
+        if let Some(attrs) = attrs {
+            path.push_str(&format!("&attrs={}", url_encode(attrs)));
+        }
+        let mut req = self.client.get(self.url(&path));
+        if let Some(token) = presenting {
+            req = req.header("cookie", cookie(token));
+        }
+        req.send().await.expect("login request")
+    }
+
+    /// Logs `user` in through the upstream and returns the session token.
+    pub async fn login(&self, user: &str) -> String {
+        let resp = self.login_response(user, None, None).await;
+        assert_eq!(resp.status(), 200, "login through the gateway");
+        set_cookie(resp.headers(), COOKIE)
+            .expect("login response sets the session cookie")
+            .value
+    }
+
+    /// GET with the session cookie (when given).
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.get(self.url(path));
+        if let Some(token) = token {
+            req = req.header("cookie", cookie(token));
+        }
+        req.send().await.expect("request through the gateway")
+    }
+
+    /// The admin API's sessions of `user` (`GET /v1/users/{user}/sessions`).
+    pub async fn admin_user_sessions(&self, user: &str) -> Vec<Value> {
+        let resp = self
+            .client
+            .get(self.admin_url(&format!("/v1/users/{}/sessions", url_encode(user))))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("admin request");
+        assert_eq!(resp.status(), 200, "admin list sessions");
+        let v: Value = resp.json().await.expect("admin JSON");
+        v["sessions"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client-side helpers
+// ---------------------------------------------------------------------------
+
+/// `sg_session=<token>`.
+pub fn cookie(token: &str) -> String {
+    format!("{COOKIE}={token}")
+}
+
+/// One parsed `Set-Cookie` header.
+#[derive(Debug, Clone)]
+pub struct SetCookie {
+    pub raw: String,
+    pub name: String,
+    pub value: String,
+    /// The attributes after the first `;`, trimmed, in order.
+    pub attributes: Vec<String>,
+}
+
+impl SetCookie {
+    pub fn has(&self, attribute: &str) -> bool {
+        self.attributes
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(attribute))
+    }
+
+    pub fn attr(&self, name: &str) -> Option<&str> {
+        self.attributes.iter().find_map(|a| {
+            let (k, v) = a.split_once('=')?;
+            k.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+}
+
+/// Every `Set-Cookie` header, parsed.
+pub fn set_cookies(headers: &reqwest::header::HeaderMap) -> Vec<SetCookie> {
+    headers
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|raw| {
+            let mut parts = raw.split(';');
+            let (name, value) = parts.next()?.split_once('=')?;
+            Some(SetCookie {
+                raw: raw.to_string(),
+                name: name.trim().to_string(),
+                value: value.trim().to_string(),
+                attributes: parts.map(|a| a.trim().to_string()).collect(),
+            })
+        })
+        .collect()
+}
+
+/// The first `Set-Cookie` for cookie `name`.
+pub fn set_cookie(headers: &reqwest::header::HeaderMap, name: &str) -> Option<SetCookie> {
+    set_cookies(headers).into_iter().find(|c| c.name == name)
+}
+
+/// The upstream's echo of a request that went through.
+pub async fn echo_of(resp: reqwest::Response) -> Value {
+    let status = resp.status();
+    let text = resp.text().await.expect("response body");
+    assert_eq!(status, 200, "expected the upstream's echo, got: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("echo is not JSON ({e}): {text}"))
+}
+
+/// A header as the upstream saw it.
+pub fn seen<'a>(echo: &'a Value, name: &str) -> Option<&'a str> {
+    echo["headers"][name].as_str()
+}
+
+/// Checks the contract's error response and returns its `error` object:
+/// the status, a JSON content type, `{"error":{"code","message","request_id"}}`
+/// with a snake_case code, a message, and the request id of the response.
+pub async fn expect_error(resp: reqwest::Response, status: u16) -> Value {
+    let got = resp.status().as_u16();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let header_id = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = resp.text().await.expect("error body");
+    assert_eq!(got, status, "status; body: {text}");
+    assert!(
+        ctype.starts_with("application/json"),
+        "error content-type is {ctype:?}; body: {text}"
+    );
+    let v: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("error body not JSON ({e}): {text}"));
+    let err = v["error"].clone();
+    let code = err["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no code: {text}"));
+    assert!(
+        !code.is_empty()
+            && code
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "code {code:?} is not snake_case"
+    );
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no message: {text}"
+    );
+    let id = err["request_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no request_id: {text}"));
+    assert!(!id.is_empty(), "empty request_id");
+    if let Some(header_id) = header_id {
+        assert_eq!(id, header_id, "body request_id vs x-request-id header");
+    }
+    err
+}
+
+/// Like [`expect_error`] for a 401, also checking `WWW-Authenticate: Bearer`.
+pub async fn expect_401(resp: reqwest::Response) -> Value {
+    let www = resp
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let err = expect_error(resp, 401).await;
+    assert!(
+        www.split_whitespace()
+            .next()
+            .is_some_and(|s| s.eq_ignore_ascii_case("bearer")),
+        "WWW-Authenticate is {www:?}"
+    );
+    err
+}
+
+/// A raw HTTP/1.1 exchange: writes `request` as is and reads until the
+/// server closes (send `Connection: close`). Returns status, headers
+/// (lower-case names) and the (de-chunked) body.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        stream.read_to_end(&mut buf).await.expect("read");
+        buf
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("raw exchange within 10 s");
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of response headers");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut body = buf[split + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    (status, headers, body)
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&data[..eol]).into_owned();
+        let size =
+            usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        data = &data[eol + 2..];
+        if size == 0 || data.len() < size {
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[(size + 2).min(data.len())..];
+    }
+    out
+}

@@ -4,5 +4,7 @@
 mod admin;
 mod config_cli;
 mod harness;
+mod hybrid;
+mod policies;
 mod proxy;
 mod store_suite;

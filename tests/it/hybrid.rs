@@ -1,0 +1,1039 @@
+//! The hybrid store on real Redis and PostgreSQL, including the failure
+//! cases: Redis stopped, restarted from its append-only file, flushed;
+//! PostgreSQL unreachable (behind a TCP forwarder the test can cut).
+//!
+//! Each test gets its own PostgreSQL database and its own Redis key prefix
+//! (or its own `redis-server` on its own port), so they run in parallel.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::Value;
+use sessiongate::config::Config;
+use sessiongate::metrics::Metrics;
+use sessiongate::server::{self, RunningGateway};
+use sessiongate::session::Session;
+use sessiongate::store::postgres::{PoolSettings, PostgresTier};
+use sessiongate::store::redis::RedisTier;
+use sessiongate::store::{Cached, DurableTier, SessionStore};
+use sessiongate::token::TokenKey;
+use sqlx::Row;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::harness::{self, ADMIN_TOKEN, COOKIE, GatewaySpec, TestUpstream};
+
+const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+
+// ---------------------------------------------------------------------------
+// Servers the tests control.
+// ---------------------------------------------------------------------------
+
+/// A `redis-server` of the test's own on a loopback port, stopped by pid.
+struct RedisServer {
+    port: u16,
+    dir: TempDir,
+    aof: bool,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    async fn start(aof: bool) -> RedisServer {
+        let mut server = RedisServer {
+            port: harness::free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            aof,
+            child: None,
+        };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&mut self) {
+        let appendonly = if self.aof { "yes" } else { "no" };
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", appendonly])
+            .args(["--appendfsync", "always", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (is it installed? scripts/services.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut conn) = self.connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// Everything Redis wrote to its data directory.
+    fn persisted(&self) -> Vec<u8> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<u8>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if let Ok(bytes) = std::fs::read(&path) {
+                    out.extend(bytes);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.dir.path(), &mut out);
+        out
+    }
+
+    /// Kills the server at once (as a crash would).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data directory.
+    async fn restart(&mut self) {
+        self.stop();
+        self.launch().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A PostgreSQL database of the test's own.
+struct PgDb {
+    name: String,
+}
+
+impl PgDb {
+    async fn create() -> PgDb {
+        let name = format!("sg_test_{}", uuid::Uuid::now_v7().simple());
+        let admin = sqlx::PgPool::connect(PG_ADMIN_URL)
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh starts it)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        PgDb { name }
+    }
+
+    fn url(&self) -> String {
+        self.url_via("127.0.0.1:5432")
+    }
+
+    fn url_via(&self, addr: &str) -> String {
+        format!("postgres://postgres@{addr}/{}", self.name)
+    }
+
+    async fn pool(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&self.url()).await.expect("connect")
+    }
+
+    async fn drop_db(self) {
+        if let Ok(admin) = sqlx::PgPool::connect(PG_ADMIN_URL).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&admin)
+            .await;
+            admin.close().await;
+        }
+    }
+}
+
+/// A TCP forwarder in front of PostgreSQL that the test can cut and
+/// restore, and slow down.
+struct TcpForwarder {
+    addr: SocketAddr,
+    target: SocketAddr,
+    delay: Duration,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl TcpForwarder {
+    async fn start(target: &str, delay: Duration) -> TcpForwarder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let forwarder = TcpForwarder {
+            addr: listener.local_addr().expect("addr"),
+            target: target.parse().expect("target address"),
+            delay,
+            tasks: Arc::new(Mutex::new(Vec::new())),
+        };
+        forwarder.serve(listener);
+        forwarder
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let tasks = self.tasks.clone();
+        let (target, delay) = (self.target, self.delay);
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let up = tokio::spawn(pump(cr, sw, Duration::ZERO));
+                let down = tokio::spawn(pump(sr, cw, delay));
+                tasks.lock().unwrap().extend([up, down]);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept);
+    }
+
+    /// Refuses new connections and drops every open one.
+    fn cut(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Accepts again on the same address.
+    async fn restore(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "rebind {}: {e}", self.addr);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+impl Drop for TcpForwarder {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Gateways and stores on those servers.
+// ---------------------------------------------------------------------------
+
+fn prefix() -> String {
+    format!("sgtest-{}:", uuid::Uuid::now_v7().simple())
+}
+
+/// The harness's standard spec with `[store]` / `[session]` keys added.
+fn config(upstream: &TestUpstream, database_url: &str, store: &str, session: &str) -> Config {
+    let text = GatewaySpec::standard(&upstream.url())
+        .cookie_secure(false)
+        .to_toml(database_url, "127.0.0.1:0", "127.0.0.1:0")
+        .replacen("[store]\n", &format!("[store]\n{store}\n"), 1)
+        .replacen("[session]\n", &format!("[session]\n{session}\n"), 1);
+    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("config rejected: {e}\n{text}"))
+}
+
+struct Gw {
+    running: Option<RunningGateway>,
+    client: reqwest::Client,
+}
+
+impl Gw {
+    async fn start(config: Config) -> Gw {
+        let running = server::start(config)
+            .await
+            .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
+        Gw {
+            running: Some(running),
+            client: harness::client(),
+        }
+    }
+
+    fn running(&self) -> &RunningGateway {
+        self.running.as_ref().expect("running")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.running().addr(), path)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{}",
+            self.running().admin_addr().expect("admin"),
+            path
+        )
+    }
+
+    async fn login_response(&self, user: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(&format!("/public/login?user={user}")))
+            .send()
+            .await
+            .expect("login request")
+    }
+
+    async fn login(&self, user: &str) -> String {
+        let resp = self.login_response(user).await;
+        assert_eq!(resp.status(), 200, "login");
+        harness::set_cookie(resp.headers(), COOKIE)
+            .expect("session cookie")
+            .value
+    }
+
+    async fn status(&self, path: &str, token: &str) -> u16 {
+        self.client
+            .get(self.url(path))
+            .header("cookie", harness::cookie(token))
+            .send()
+            .await
+            .expect("request")
+            .status()
+            .as_u16()
+    }
+
+    async fn logout(&self, token: &str) -> u16 {
+        self.status("/logout?scope=current", token).await
+    }
+
+    async fn readyz(&self) -> (u16, Value) {
+        let resp = self
+            .client
+            .get(self.admin_url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("readyz JSON"))
+    }
+
+    async fn metrics(&self) -> String {
+        self.client
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (status, body) = self.readyz().await;
+            if status == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never ready again: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// The value of a counter line in Prometheus text, 0 if absent.
+fn counter(metrics: &str, line_prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn pg_tier(url: &str) -> PostgresTier {
+    let tier = PostgresTier::connect(
+        url,
+        &PoolSettings {
+            max_connections: 8,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+        },
+    )
+    .await
+    .expect("postgres tier");
+    tier.migrate().await.expect("migrate");
+    tier
+}
+
+fn redis_tier(url: &str, prefix: &str) -> RedisTier {
+    RedisTier::connect(url, prefix, Duration::from_millis(500)).expect("redis tier")
+}
+
+async fn redis_keys(url: &str, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for key in keys {
+        let value: Vec<u8> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        out.push((key, value));
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------
+// The tests.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_key_expires_with_its_session() {
+    let db = PgDb::create().await;
+    let prefix = prefix();
+    let redis = Arc::new(redis_tier(SHARED_REDIS, &prefix));
+    let store = SessionStore::new(
+        redis.clone(),
+        Arc::new(pg_tier(&db.url()).await),
+        Arc::new(Metrics::new()),
+    );
+    let (_, key) = TokenKey::new(b"k").issue();
+    let session = Session::new("alice".into(), Default::default(), Duration::from_secs(600));
+    let expires_at = session.expires_at;
+    store.create(&key, session).await.unwrap();
+
+    let mut conn = redis::Client::open(SHARED_REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let expire_ms: i64 = redis::cmd("PEXPIRETIME")
+        .arg(redis.key_for(&key))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        expire_ms, expires_at,
+        "the Redis key expires exactly when the session does"
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_restored_into_redis_after_flushall() {
+    let redis = RedisServer::start(false).await;
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let gw = Gw::start(config(
+        &upstream,
+        &db.url(),
+        &format!("redis_url = {:?}", redis.url()),
+        "",
+    ))
+    .await;
+    let token = gw.login("alice").await;
+    assert_eq!(redis_keys(&redis.url(), "").await.len(), 1);
+
+    let mut conn = redis.connection().await.unwrap();
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert!(redis_keys(&redis.url(), "").await.is_empty());
+
+    assert_eq!(gw.status("/", &token).await, 200, "served from PostgreSQL");
+    let keys = redis_keys(&redis.url(), "").await;
+    assert_eq!(keys.len(), 1, "restored into Redis: {keys:?}");
+    let metrics = gw.metrics().await;
+    assert!(
+        counter(
+            &metrics,
+            r#"sessiongate_store_lookups_total{tier="durable",outcome="hit"}"#
+        ) >= 1.0,
+        "{metrics}"
+    );
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_served_from_postgres_while_redis_is_stopped() {
+    let mut redis = RedisServer::start(false).await;
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let gw = Gw::start(config(
+        &upstream,
+        &db.url(),
+        &format!(
+            "redis_url = {:?}\nredis_timeout_ms = 200\nredis_retry_ms = 200",
+            redis.url()
+        ),
+        "",
+    ))
+    .await;
+    let alice = gw.login("alice").await;
+    assert_eq!(gw.status("/", &alice).await, 200);
+
+    redis.stop();
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(
+            gw.status("/", &alice).await,
+            200,
+            "authenticated from PostgreSQL"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "requests do not each wait out a Redis timeout ({:?} for 20)",
+        started.elapsed()
+    );
+    let bob = gw.login("bob").await;
+    assert_eq!(gw.status("/", &bob).await, 200, "logins keep working");
+    assert_eq!(gw.logout(&alice).await, 200, "revocations keep working");
+    assert_eq!(gw.status("/", &alice).await, 401);
+
+    let (status, body) = gw.readyz().await;
+    assert_eq!(status, 503);
+    assert_eq!(body["down"], serde_json::json!(["redis"]), "{body}");
+    let metrics = gw.metrics().await;
+    assert!(
+        counter(
+            &metrics,
+            r#"sessiongate_store_lookups_total{tier="fast",outcome="skipped"}"#
+        ) >= 1.0,
+        "fallbacks are counted: {metrics}"
+    );
+
+    redis.restart().await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    assert_eq!(gw.status("/", &alice).await, 401);
+    assert_eq!(gw.status("/", &bob).await, 200);
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_revoked_while_redis_was_down_stays_revoked_when_redis_returns_with_old_data() {
+    let mut redis = RedisServer::start(true).await;
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let redis_url = redis.url();
+    let cfg = || {
+        config(
+            &upstream,
+            &db.url(),
+            &format!("redis_url = {redis_url:?}\nredis_timeout_ms = 200\nredis_retry_ms = 300"),
+            "",
+        )
+    };
+    let gw = Gw::start(cfg()).await;
+    let alice = gw.login("alice").await;
+    let carol = gw.login("carol").await;
+    assert_eq!(redis_keys(&redis.url(), "").await.len(), 2);
+
+    // Redis dies; alice logs out meanwhile.
+    redis.stop();
+    assert_eq!(gw.logout(&alice).await, 200);
+    assert_eq!(gw.status("/", &alice).await, 401);
+
+    // Redis comes back from its append-only file, alice's session in it.
+    let alice_key = {
+        use sha2::Digest;
+        let raw = URL_SAFE_NO_PAD.decode(&alice).unwrap();
+        format!("s:{}", harness::hex(&sha2::Sha256::digest(&raw)))
+    };
+    assert!(
+        contains(&redis.persisted(), alice_key.as_bytes()),
+        "the append-only file holds alice's session record"
+    );
+    redis.restart().await;
+    // Whatever the gateway's recovery is doing, the token never works.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(gw.status("/", &alice).await, 401, "revoked token accepted");
+        if gw.readyz().await.0 == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis never trusted again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.status("/", &alice).await, 401);
+    assert_eq!(gw.status("/", &carol).await, 200, "no session is lost");
+    assert_eq!(
+        redis_keys(&redis.url(), "").await.len(),
+        1,
+        "the revoked session's key was deleted by the replay"
+    );
+
+    // A gateway that never saw the outage, on the same stores, agrees.
+    let second = Gw::start(cfg()).await;
+    assert_eq!(second.status("/", &alice).await, 401);
+    assert_eq!(second.status("/", &carol).await, 200);
+    second.shutdown().await;
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unreachable_reads_work_and_creates_get_503() {
+    let db = PgDb::create().await;
+    let forwarder = TcpForwarder::start("127.0.0.1:5432", Duration::ZERO).await;
+    let upstream = TestUpstream::start().await;
+    let gw = Gw::start(config(
+        &upstream,
+        &db.url_via(&forwarder.addr.to_string()),
+        &format!(
+            "redis_url = {SHARED_REDIS:?}\nredis_prefix = {:?}\nconnect_timeout_ms = 500",
+            prefix()
+        ),
+        "",
+    ))
+    .await;
+    let alice = gw.login("alice").await;
+    let admin = gw
+        .client
+        .get(gw.admin_url("/v1/users/alice/sessions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let alice_id = admin["sessions"][0]["id"].as_str().unwrap().to_string();
+
+    forwarder.cut();
+    assert_eq!(gw.status("/", &alice).await, 200, "served from Redis");
+    let resp = gw.login_response("bob").await;
+    let body = harness::expect_error(resp, 503).await;
+    assert_eq!(body["code"], "store_unavailable");
+    let resp = gw
+        .client
+        .post(gw.admin_url("/v1/sessions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"user_id": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        503,
+        "a session that is not durable is never handed out"
+    );
+    let resp = gw
+        .client
+        .delete(gw.admin_url(&format!("/v1/sessions/{alice_id}")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let (status, body) = gw.readyz().await;
+    assert_eq!(status, 503);
+    assert_eq!(body["down"], serde_json::json!(["postgres"]), "{body}");
+    assert_eq!(gw.status("/", &alice).await, 200, "still served from Redis");
+
+    forwarder.restore().await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let bob = gw.login("bob").await;
+    assert_eq!(gw.status("/", &bob).await, 200, "resumes without a restart");
+    gw.shutdown().await;
+    drop(forwarder);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_for_one_session_make_one_query() {
+    let db = PgDb::create().await;
+    // A slow link to PostgreSQL keeps the first query in flight while the
+    // others arrive.
+    let forwarder = TcpForwarder::start("127.0.0.1:5432", Duration::from_millis(40)).await;
+    let metrics = Arc::new(Metrics::new());
+    let prefix = prefix();
+    let store = SessionStore::new(
+        Arc::new(redis_tier(SHARED_REDIS, &prefix)),
+        Arc::new(pg_tier(&db.url_via(&forwarder.addr.to_string())).await),
+        metrics.clone(),
+    );
+    let (_, key) = TokenKey::new(b"k").issue();
+    let session = Session::new("alice".into(), Default::default(), Duration::from_secs(60));
+    store.create(&key, session).await.unwrap();
+    store.fast().remove(&[key]).await.unwrap();
+    let before = metrics.durable_queries.get();
+
+    let lookups = (0..200).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.lookup(&key).await })
+    });
+    for result in futures_util::future::join_all(lookups).await {
+        assert!(result.unwrap().unwrap().is_some());
+    }
+    assert_eq!(
+        metrics.durable_queries.get() - before,
+        1,
+        "200 concurrent cold lookups made one PostgreSQL query"
+    );
+    assert!(matches!(
+        store.fast().get(&key).await.unwrap(),
+        Cached::Live(_)
+    ));
+    drop(forwarder);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_unknown_tokens_cost_a_bounded_number_of_queries() {
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let gw = Gw::start(config(
+        &upstream,
+        &db.url(),
+        &format!(
+            "redis_url = {SHARED_REDIS:?}\nredis_prefix = {:?}",
+            prefix()
+        ),
+        "",
+    ))
+    .await;
+    let queries = |m: &str| counter(m, "sessiongate_durable_lookup_queries_total");
+    let before = queries(&gw.metrics().await);
+
+    // Forged tokens (right shape, wrong MAC key): no query at all.
+    let forger = TokenKey::new(b"not the gateway's key");
+    for _ in 0..2000 {
+        let (token, _) = forger.issue();
+        assert_eq!(gw.status("/", &token).await, 401);
+    }
+    assert_eq!(
+        queries(&gw.metrics().await),
+        before,
+        "forged tokens reach no store"
+    );
+
+    // A revoked token replayed over and over: answered by the Redis
+    // tombstone, then by nothing at all.
+    let alice = gw.login("alice").await;
+    assert_eq!(gw.logout(&alice).await, 200);
+    let before = queries(&gw.metrics().await);
+    for _ in 0..1000 {
+        assert_eq!(gw.status("/", &alice).await, 401);
+    }
+    assert!(
+        queries(&gw.metrics().await) - before <= 1.0,
+        "a replayed revoked token costs at most one query"
+    );
+    gw.shutdown().await;
+
+    // Unknown keys at the store level: the negative cache.
+    let metrics = Arc::new(Metrics::new());
+    let store = SessionStore::new(
+        Arc::new(redis_tier(SHARED_REDIS, &prefix())),
+        Arc::new(pg_tier(&db.url()).await),
+        metrics.clone(),
+    );
+    let keys: Vec<_> = (0..20).map(|_| TokenKey::new(b"k").issue().1).collect();
+    for round in 0..100 {
+        for key in &keys {
+            assert!(store.lookup(key).await.unwrap().is_none(), "round {round}");
+        }
+    }
+    assert_eq!(
+        metrics.durable_queries.get(),
+        20,
+        "2000 lookups of 20 unknown keys made 20 queries"
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_is_written_behind_and_flushed_at_shutdown() {
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let gw = Gw::start(config(
+        &upstream,
+        &db.url(),
+        &format!(
+            "redis_url = {SHARED_REDIS:?}\nredis_prefix = {:?}\nactivity_flush_ms = 600000",
+            prefix()
+        ),
+        "touch_interval_seconds = 0",
+    ))
+    .await;
+    let alice = gw.login("alice").await;
+    let pool = db.pool().await;
+    let row = sqlx::query("SELECT created_at, last_seen_at FROM sessions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let created: i64 = row.get("created_at");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(gw.status("/", &alice).await, 200);
+
+    let seen: i64 = sqlx::query("SELECT last_seen_at FROM sessions")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get("last_seen_at");
+    assert_eq!(seen, created, "not yet written to PostgreSQL");
+    let admin_view = gw
+        .client
+        .get(gw.admin_url("/v1/users/alice/sessions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(admin_view["sessions"].as_array().unwrap().len(), 1);
+
+    gw.shutdown().await;
+    let seen: i64 = sqlx::query("SELECT last_seen_at FROM sessions")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get("last_seen_at");
+    assert!(
+        seen >= created + 30,
+        "the shutdown flush wrote the activity ({seen} vs {created})"
+    );
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_raw_token_in_any_redis_key_or_value_or_postgres_row() {
+    let db = PgDb::create().await;
+    let prefix = prefix();
+    let upstream = TestUpstream::start().await;
+    let gw = Gw::start(config(
+        &upstream,
+        &db.url(),
+        &format!("redis_url = {SHARED_REDIS:?}\nredis_prefix = {prefix:?}"),
+        "",
+    ))
+    .await;
+    let mut tokens = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        tokens.push(gw.login(user).await);
+    }
+    assert_eq!(gw.logout(&tokens[2]).await, 200);
+
+    let redis = redis_keys(SHARED_REDIS, &prefix).await;
+    assert_eq!(redis.len(), 3, "two sessions and a tombstone");
+    let pool = db.pool().await;
+    let mut rows = Vec::new();
+    for q in [
+        "SELECT encode(token_hash, 'hex') || id::text || user_id || attributes::text AS r FROM sessions",
+        "SELECT encode(token_hash, 'hex') AS r FROM revocations",
+    ] {
+        for row in sqlx::query(q).fetch_all(&pool).await.unwrap() {
+            rows.push(row.get::<String, _>("r"));
+        }
+    }
+    assert_eq!(rows.len(), 3);
+    for token in &tokens {
+        let raw = URL_SAFE_NO_PAD.decode(token).unwrap();
+        let raw_hex = harness::hex(&raw);
+        for (key, value) in &redis {
+            assert!(!key.contains(token.as_str()) && !key.contains(&raw_hex));
+            assert!(!contains(value, token.as_bytes()) && !contains(value, &raw));
+        }
+        for row in &rows {
+            assert!(!row.contains(token.as_str()) && !row.contains(&raw_hex));
+        }
+    }
+    pool.close().await;
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+/// Login, request, logout on one store pair, through the gateway.
+async fn round_trip(gw: &Gw) {
+    let token = gw.login("alice").await;
+    assert_eq!(gw.status("/", &token).await, 200);
+    assert_eq!(gw.logout(&token).await, 200);
+    assert_eq!(gw.status("/", &token).await, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_pairs_redis_with_sqlite_and_memory_with_postgres() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gw::start(config(
+        &upstream,
+        &harness::database_url(&dir),
+        &format!(
+            "redis_url = {SHARED_REDIS:?}\nredis_prefix = {:?}",
+            prefix()
+        ),
+        "",
+    ))
+    .await;
+    assert_eq!(gw.readyz().await.1["stores"][0]["kind"], "redis");
+    assert_eq!(gw.readyz().await.1["stores"][1]["kind"], "sqlite");
+    round_trip(&gw).await;
+    gw.shutdown().await;
+
+    let db = PgDb::create().await;
+    let gw = Gw::start(config(&upstream, &db.url(), "", "")).await;
+    assert_eq!(gw.readyz().await.1["stores"][0]["kind"], "memory");
+    assert_eq!(gw.readyz().await.1["stores"][1]["kind"], "postgres");
+    round_trip(&gw).await;
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_sees_a_revocation_within_its_local_cache_lifetime() {
+    let db = PgDb::create().await;
+    let prefix = prefix();
+    let upstream = TestUpstream::start().await;
+    let store = format!("redis_url = {SHARED_REDIS:?}\nredis_prefix = {prefix:?}");
+    let a = Gw::start(config(
+        &upstream,
+        &db.url(),
+        &format!("{store}\nlocal_cache_ttl_ms = 300"),
+        "",
+    ))
+    .await;
+    let b = Gw::start(config(&upstream, &db.url(), &store, "")).await;
+    let token = b.login("alice").await;
+    assert_eq!(a.status("/", &token).await, 200, "A caches the session");
+    assert_eq!(b.logout(&token).await, 200);
+    assert_eq!(b.status("/", &token).await, 401, "B: at once");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        a.status("/", &token).await,
+        401,
+        "A: within its cache lifetime"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_and_serve_on_postgres_from_the_command_line() {
+    let db = PgDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let upstream = TestUpstream::start().await;
+    let text = GatewaySpec::standard(&upstream.url()).to_toml(
+        "sqlite://unused.db",
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+    );
+    std::fs::write(&path, text).unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+        .arg("migrate")
+        .arg("--config")
+        .arg(&path)
+        .env("SESSIONGATE_STORE__DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pool = db.pool().await;
+    let tables: Vec<String> = sqlx::query(
+        "SELECT table_name::text AS t FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get("t"))
+    .collect();
+    for table in ["gateway_secrets", "revocations", "sessions"] {
+        assert!(tables.contains(&table.to_string()), "{tables:?}");
+    }
+    pool.close().await;
+
+    // An unreachable PostgreSQL: a clear error naming the store and the
+    // address, without the password.
+    let port = harness::free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .env(
+            "SESSIONGATE_STORE__DATABASE_URL",
+            format!("postgres://postgres:hunter2secret@127.0.0.1:{port}/x"),
+        )
+        .env("SESSIONGATE_STORE__CONNECT_TIMEOUT_MS", "500")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("postgres"), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(!stderr.contains("hunter2secret"), "{stderr}");
+    db.drop_db().await;
+}

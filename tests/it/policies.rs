@@ -1,0 +1,714 @@
+//! Policy plugins through the gateway, with real components built from
+//! `plugins/` (the bundled ones and the hostile ones in `plugins/testing/`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sessiongate::config::Config;
+
+use crate::harness::{self, ADMIN_TOKEN, GatewaySpec, GatewayUnderTest, TestUpstream};
+
+/// Builds the plugins once per test run and returns `plugins/`.
+fn plugins() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let status = Command::new(root.join("scripts/build-plugins.sh"))
+            .status()
+            .expect("run scripts/build-plugins.sh");
+        assert!(status.success(), "scripts/build-plugins.sh failed");
+        root.join("plugins")
+    })
+}
+
+fn bundled(name: &str) -> String {
+    plugins().join(format!("{name}.wasm")).display().to_string()
+}
+
+fn testing(name: &str) -> String {
+    plugins()
+        .join("testing")
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
+}
+
+/// One `[[policies]]` entry.
+fn policy(path: &str, config: &str, extra: &str) -> String {
+    format!("\n[[policies]]\nplugin = {path:?}\nconfig = {config}\n{extra}\n")
+}
+
+async fn gateway(upstream: &TestUpstream, policies: &[String], session: &str) -> GatewayUnderTest {
+    let mut spec = GatewaySpec::standard(&upstream.url()).cookie_secure(false);
+    spec.extra = policies.concat();
+    GatewayUnderTest::start_with(spec, |text| {
+        text.replacen("[session]\n", &format!("[session]\n{session}\n"), 1)
+            .replacen("[store]\n", "[store]\nactivity_flush_ms = 50\n", 1)
+    })
+    .await
+}
+
+async fn session_of(gw: &GatewayUnderTest, user: &str) -> Vec<Value> {
+    gw.admin_user_sessions(user).await
+}
+
+fn millis(rfc3339: &Value) -> i64 {
+    let t = humantime::parse_rfc3339(rfc3339.as_str().expect("time string")).expect("RFC 3339");
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn max_age(resp: &reqwest::Response) -> i64 {
+    harness::set_cookie(resp.headers(), harness::COOKIE)
+        .expect("session cookie")
+        .attributes
+        .iter()
+        .find_map(|a| {
+            let (k, v) = a.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("max-age")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("Max-Age")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_sets_the_expiry_and_remember_me_a_longer_one() {
+    let upstream = TestUpstream::start().await;
+    let gw = gateway(
+        &upstream,
+        &[policy(
+            &bundled("ttl"),
+            "{ ttl_seconds = 120, remember_me_ttl_seconds = 3600 }",
+            "",
+        )],
+        "",
+    )
+    .await;
+    let resp = gw.login_response("alice", None, None).await;
+    assert_eq!(resp.status(), 200);
+    let age = max_age(&resp);
+    assert!((119..=120).contains(&age), "Max-Age {age}");
+    let s = &session_of(&gw, "alice").await[0];
+    assert_eq!(millis(&s["expires_at"]) - millis(&s["created_at"]), 120_000);
+
+    let resp = gw
+        .login_response("bob", Some(r#"{"remember_me":"true"}"#), None)
+        .await;
+    let age = max_age(&resp);
+    assert!((3599..=3600).contains(&age), "remember-me Max-Age {age}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_refresh_extends_only_past_its_threshold() {
+    let upstream = TestUpstream::start().await;
+    let gw = gateway(
+        &upstream,
+        &[
+            policy(&bundled("ttl"), "{ ttl_seconds = 4 }", ""),
+            policy(
+                &bundled("activity-refresh"),
+                "{ idle_timeout_seconds = 4, absolute_lifetime_seconds = 60, refresh_fraction = 0.5 }",
+                "",
+            ),
+        ],
+        "",
+    )
+    .await;
+    let token = gw.login("alice").await;
+    let before = millis(&session_of(&gw, "alice").await[0]["expires_at"]);
+
+    // Early in the window: allowed, no extension, no write.
+    assert_eq!(gw.get("/", Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        millis(&session_of(&gw, "alice").await[0]["expires_at"]),
+        before
+    );
+
+    // Past half of it: extended to now + idle.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let asked = sessiongate::session::now_ms();
+    assert_eq!(gw.get("/", Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = millis(&session_of(&gw, "alice").await[0]["expires_at"]);
+    assert!(
+        after >= asked + 4_000 - 50 && after > before + 2_000,
+        "extended: {before} -> {after} (asked at {asked})"
+    );
+    // The session outlives its original expiry.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(sessiongate::session::now_ms() > before);
+    assert_eq!(gw.get("/", Some(&token)).await.status(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_refresh_enforces_the_absolute_cap_and_the_idle_timeout() {
+    let upstream = TestUpstream::start().await;
+    let gw = gateway(
+        &upstream,
+        &[policy(
+            &bundled("activity-refresh"),
+            "{ idle_timeout_seconds = 60, absolute_lifetime_seconds = 1 }",
+            "",
+        )],
+        "",
+    )
+    .await;
+    let token = gw.login("alice").await;
+    assert_eq!(gw.get("/", Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let err = harness::expect_error(gw.get("/", Some(&token)).await, 401).await;
+    assert_eq!(err["code"], "policy_denied");
+    assert!(
+        err["message"].as_str().unwrap().contains("absolute"),
+        "{err}"
+    );
+    gw.shutdown().await;
+
+    let gw = gateway(
+        &upstream,
+        &[policy(
+            &bundled("activity-refresh"),
+            "{ idle_timeout_seconds = 1, absolute_lifetime_seconds = 60 }",
+            "",
+        )],
+        "",
+    )
+    .await;
+    let token = gw.login("alice").await;
+    assert_eq!(gw.get("/", Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let err = harness::expect_error(gw.get("/", Some(&token)).await, 401).await;
+    assert!(err["message"].as_str().unwrap().contains("idle"), "{err}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_evicts_the_least_recently_seen() {
+    let upstream = TestUpstream::start().await;
+    let gw = gateway(
+        &upstream,
+        &[policy(&bundled("max-sessions"), "{ max_sessions = 2 }", "")],
+        "touch_interval_seconds = 0",
+    )
+    .await;
+    let first = gw.login("alice").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = gw.login("alice").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The first session is used: the second is now the least recently seen.
+    assert_eq!(gw.get("/", Some(&first)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other_user = gw.login("bob").await;
+    let third = gw.login("alice").await;
+
+    assert_eq!(gw.get("/", Some(&second)).await.status(), 401, "evicted");
+    assert_eq!(gw.get("/", Some(&first)).await.status(), 200);
+    assert_eq!(gw.get("/", Some(&third)).await.status(), 200);
+    assert_eq!(gw.get("/", Some(&other_user)).await.status(), 200);
+    assert_eq!(session_of(&gw, "alice").await.len(), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_runs_in_order_and_the_first_denial_wins() {
+    let upstream = TestUpstream::start().await;
+    let gw = gateway(
+        &upstream,
+        &[
+            policy(&testing("tag"), r#"{ key = "first", value = "a" }"#, ""),
+            policy(&testing("tag"), r#"{ key = "second", value = "b" }"#, ""),
+            policy(
+                &testing("deny"),
+                r#"{ status = 403, reason = "first denial" }"#,
+                "",
+            ),
+            policy(
+                &testing("deny"),
+                r#"{ status = 429, reason = "second denial" }"#,
+                "",
+            ),
+        ],
+        "",
+    )
+    .await;
+    let token = gw.login("alice").await;
+    let s = &session_of(&gw, "alice").await[0];
+    assert_eq!(s["attributes"]["chain"], "a,b", "{s}");
+    assert_eq!(s["attributes"]["first"], "a");
+    assert_eq!(s["attributes"]["second"], "b");
+    let err = harness::expect_error(gw.get("/", Some(&token)).await, 403).await;
+    assert_eq!(err["code"], "policy_denied");
+    assert_eq!(err["message"], "first denial");
+    // Routes without authentication run no access hook.
+    assert_eq!(gw.get("/public/x", None).await.status(), 200);
+    gw.shutdown().await;
+}
+
+/// A hostile plugin fails only its own requests, in its configured mode,
+/// and the gateway keeps serving.
+async fn contained(plugin: &str, config: &str, failure_kind: &str) {
+    let upstream = TestUpstream::start().await;
+    for (mode, expected) in [("deny", 503), ("allow", 200)] {
+        let gw = gateway(
+            &upstream,
+            &[policy(
+                &testing(plugin),
+                config,
+                &format!("on_error = {mode:?}\ntimeout_ms = 50\nmemory_limit_mb = 8"),
+            )],
+            "",
+        )
+        .await;
+        let token = gw.login("alice").await;
+        for _ in 0..3 {
+            let started = Instant::now();
+            let resp = gw.get("/", Some(&token)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{plugin}: a failing call is cut short"
+            );
+            if expected == 503 {
+                let err = harness::expect_error(resp, 503).await;
+                assert_eq!(err["code"], "policy_failed", "{plugin}");
+            } else {
+                assert_eq!(resp.status(), 200, "{plugin} with on_error = allow");
+            }
+        }
+        // Other requests are served meanwhile.
+        assert_eq!(gw.get("/public/hello", None).await.status(), 200);
+        let health = gw
+            .client
+            .get(gw.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200);
+        let metrics = gw
+            .client
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let line = format!(
+            "sessiongate_policy_failures_total{{plugin=\"{plugin}\",kind=\"{failure_kind}\"}} 3"
+        );
+        assert!(
+            metrics.contains(&line),
+            "{plugin}: no `{line}` in\n{metrics}"
+        );
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_loop_is_cut_off_by_the_time_limit() {
+    contained("loop-forever", "{}", "timeout").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_memory_growth_hits_the_memory_limit() {
+    contained("memory-hog", "{}", "memory").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_recursion_traps() {
+    // A Rust guest's shadow stack lives in linear memory, so unbounded
+    // recursion ends in an out-of-bounds access before the wasm stack
+    // limit; either way it is a trap.
+    contained("deep-recursion", "{}", "trap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_traps() {
+    contained("panic", "{}", "trap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_outside_the_allowed_values_is_a_failure() {
+    // bad-decision sets an expiry of 0 at creation and denies with status
+    // 200 at access: both refused by the host.
+    let upstream = TestUpstream::start().await;
+    let deny = gateway(&upstream, &[policy(&testing("bad-decision"), "{}", "")], "").await;
+    let err = harness::expect_error(deny.login_response("alice", None, None).await, 503).await;
+    assert_eq!(
+        err["code"], "policy_failed",
+        "no session is created on a bad decision"
+    );
+    assert!(deny.admin_user_sessions("alice").await.is_empty());
+    deny.shutdown().await;
+
+    let allow = gateway(
+        &upstream,
+        &[policy(
+            &testing("bad-decision"),
+            "{}",
+            "on_error = \"allow\"",
+        )],
+        "default_ttl_seconds = 600",
+    )
+    .await;
+    let resp = allow.login_response("alice", None, None).await;
+    assert_eq!(resp.status(), 200);
+    let age = max_age(&resp);
+    assert!(
+        age > 0,
+        "the invalid expiry was ignored, not applied: Max-Age {age}"
+    );
+    let token = harness::set_cookie(resp.headers(), harness::COOKIE)
+        .unwrap()
+        .value;
+    for _ in 0..3 {
+        assert_eq!(allow.get("/", Some(&token)).await.status(), 200);
+    }
+    let metrics = allow
+        .client
+        .get(allow.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"sessiongate_policy_failures_total{plugin="bad-decision",kind="invalid_decision"} 4"#
+        ),
+        "{metrics}"
+    );
+    allow.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_fails_only_its_own_request() {
+    let upstream = TestUpstream::start().await;
+    let gw = gateway(&upstream, &[policy(&testing("crash-every"), "{}", "")], "").await;
+    let token = gw.login("alice").await;
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..60 {
+        match gw.get("/", Some(&token)).await.status().as_u16() {
+            200 => ok += 1,
+            503 => failed += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(ok > 5 && failed > 5, "ok {ok}, failed {failed}");
+    gw.shutdown().await;
+}
+
+/// Writes `text` as the config file in `dir` and starts the gateway from it.
+async fn gateway_from_file(dir: &Path, text: &str) -> sessiongate::server::RunningGateway {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    sessiongate::server::start(config).await.expect("start")
+}
+
+fn file_config(upstream: &TestUpstream, dir: &Path, policies: &str) -> String {
+    let db = format!("sqlite://{}/sg.db", dir.display());
+    let mut text = GatewaySpec::standard(&upstream.url())
+        .cookie_secure(false)
+        .to_toml(&db, "127.0.0.1:0", "127.0.0.1:0");
+    text.push_str(policies);
+    text
+}
+
+async fn policies_list(client: &reqwest::Client, admin: &str) -> Value {
+    client
+        .get(format!("{admin}/v1/policies"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_fails_no_request_and_takes_effect_at_once() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = policy(&testing("tag"), r#"{ key = "v", value = "1" }"#, "");
+    let v2 = policy(&testing("deny"), r#"{ status = 418, reason = "v2" }"#, "");
+    let running = gateway_from_file(dir.path(), &file_config(&upstream, dir.path(), &v1)).await;
+    let base = format!("http://{}", running.addr());
+    let admin = format!("http://{}", running.admin_addr().unwrap());
+    let client = harness::client();
+    let resp = client
+        .get(format!("{base}/public/login?user=alice"))
+        .send()
+        .await
+        .unwrap();
+    let token = harness::set_cookie(resp.headers(), harness::COOKIE)
+        .unwrap()
+        .value;
+    let before = policies_list(&client, &admin).await;
+    assert!(
+        before["policies"][0]["plugin"]
+            .as_str()
+            .unwrap()
+            .ends_with("tag.wasm")
+    );
+
+    // Two clients loop (bounded in count and time) while the chain is swapped.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url, token, stop) = (
+                harness::client(),
+                format!("{base}/"),
+                token.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !stop.load(Ordering::Relaxed)
+                    && seen.len() < 5_000
+                    && Instant::now() < deadline
+                {
+                    let status = client
+                        .get(&url)
+                        .header("cookie", harness::cookie(&token))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0);
+                    seen.push(status);
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        file_config(&upstream, dir.path(), &v2),
+    )
+    .unwrap();
+    let reload = client
+        .post(format!("{admin}/v1/policies/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    let after: Value = reload.json().await.unwrap();
+    assert!(
+        after["policies"][0]["plugin"]
+            .as_str()
+            .unwrap()
+            .ends_with("deny.wasm")
+    );
+    // Visible right after the reload answered.
+    let resp = client
+        .get(format!("{base}/"))
+        .header("cookie", harness::cookie(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 418);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let metrics = client
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("sessiongate_policy_failures"))
+        .collect();
+    for handle in loops {
+        let seen = handle.await.unwrap();
+        assert!(seen.len() > 10, "the load ran: {} requests", seen.len());
+        assert!(
+            seen.iter().all(|s| *s == 200 || *s == 418),
+            "failed requests during the reload: {:?} {failures:?}",
+            seen.iter()
+                .filter(|s| **s != 200 && **s != 418)
+                .collect::<Vec<_>>()
+        );
+        // Once a client has seen the new chain it never sees the old one.
+        let first_new = seen
+            .iter()
+            .position(|s| *s == 418)
+            .expect("the new chain served");
+        assert!(seen[first_new..].iter().all(|s| *s == 418));
+        assert!(seen[..first_new].iter().all(|s| *s == 200));
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_plugin_is_rejected_by_reload_and_the_old_chain_stays() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin_path = dir.path().join("policy.wasm");
+    std::fs::copy(testing("tag"), &plugin_path).unwrap();
+    let entry = policy(
+        &plugin_path.display().to_string(),
+        r#"{ key = "v", value = "1" }"#,
+        "",
+    );
+    let running = gateway_from_file(dir.path(), &file_config(&upstream, dir.path(), &entry)).await;
+    let admin = format!("http://{}", running.admin_addr().unwrap());
+    let client = harness::client();
+    let before = policies_list(&client, &admin).await;
+
+    for broken in [&b"not wasm at all"[..], &b"\0asm\x01\0\0\0\x01\x02"[..]] {
+        std::fs::write(&plugin_path, broken).unwrap();
+        let resp = client
+            .post(format!("{admin}/v1/policies/reload"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let err = harness::expect_error(resp, 422).await;
+        assert_eq!(err["code"], "reload_failed");
+        assert!(
+            err["message"].as_str().unwrap().contains("policy.wasm"),
+            "{err}"
+        );
+        assert_eq!(
+            policies_list(&client, &admin).await,
+            before,
+            "old chain in service"
+        );
+    }
+    // A plugin whose init rejects its config is refused the same way.
+    std::fs::copy(testing("init-fails"), &plugin_path).unwrap();
+    let resp = client
+        .post(format!("{admin}/v1/policies/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let err = harness::expect_error(resp, 422).await;
+    assert!(err["message"].as_str().unwrap().contains("needed"), "{err}");
+    let resp = client
+        .get(format!("http://{}/public/login?user=a", running.addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "still serving with the old chain");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_files_are_watched_when_configured() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin_path = dir.path().join("policy.wasm");
+    std::fs::copy(testing("deny"), &plugin_path).unwrap();
+    let entry = policy(&plugin_path.display().to_string(), "{}", "");
+    let text = format!(
+        "{}\n[plugins]\nwatch = true\nwatch_interval_ms = 100\n",
+        file_config(&upstream, dir.path(), &entry)
+    );
+    let running = gateway_from_file(dir.path(), &text).await;
+    let admin = format!("http://{}", running.admin_addr().unwrap());
+    let client = harness::client();
+    let before = policies_list(&client, &admin).await["policies"][0]["sha256"].clone();
+    std::fs::copy(testing("crash-every"), &plugin_path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = policies_list(&client, &admin).await["policies"][0]["sha256"].clone();
+        if now != before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the watcher never reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_runs_each_plugins_init_with_its_config() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let check = |policies: &str| {
+        std::fs::write(&path, file_config(&upstream, dir.path(), policies)).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let out = check(&policy(&testing("init-fails"), "{ other = 1 }", ""));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("missing required key `needed`"), "{stderr}");
+    assert!(stderr.contains("init-fails.wasm"), "{stderr}");
+    assert!(stderr.contains("gateway.toml"), "{stderr}");
+
+    let out = check(&policy(&testing("init-fails"), "{ needed = 1 }", ""));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+
+    let missing = dir.path().join("nope.wasm").display().to_string();
+    let out = check(&policy(&missing, "{}", ""));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.wasm"));
+}
+
+#[test]
+fn plugin_try_shows_each_hooks_decision() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+        .args([
+            "plugin",
+            "try",
+            &bundled("max-sessions"),
+            "--config",
+            r#"{"max_sessions": 2}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["hooks"], serde_json::json!(["evict"]));
+    let others = report["evict"]["others"].as_array().unwrap();
+    // Three others plus the new one, two allowed: the two least recently
+    // seen go.
+    assert_eq!(
+        report["evict"]["revoke"],
+        serde_json::json!([others[2]["id"], others[1]["id"]])
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+        .args([
+            "plugin",
+            "try",
+            &bundled("ttl"),
+            "--config",
+            r#"{"ttl_seconds": 90}"#,
+        ])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["create"]["expires_in_seconds"], 90);
+}
