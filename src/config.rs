@@ -107,6 +107,7 @@ struct RawServer {
     #[serde(flatten)]
     unknown: BTreeMap<String, figment::value::Value>,
     listen: Option<String>,
+    worker_threads: Option<u64>,
     max_connections: Option<u64>,
     shutdown_grace_ms: Option<u64>,
 }
@@ -258,6 +259,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Async worker threads; none = one per CPU core.
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -495,6 +498,10 @@ impl Config {
                 10_000,
             ) as usize,
             shutdown_grace: Duration::from_millis(raw.server.shutdown_grace_ms.unwrap_or(30_000)),
+            worker_threads: raw
+                .server
+                .worker_threads
+                .map(|n| v.positive("server.worker_threads", Some(n), 1) as usize),
         };
 
         let admin = raw.admin.map(|a| {

@@ -116,7 +116,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             sessiongate::telemetry::init(&config.log);
-            runtime().block_on(async {
+            runtime(config.server.worker_threads).block_on(async {
                 match sessiongate::server::run(config).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -132,7 +132,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime().block_on(async {
+            runtime(None).block_on(async {
                 match sessiongate::server::migrate(&config).await {
                     Ok(()) => {
                         println!("migrations applied to {}", config.redacted_database_url());
@@ -148,8 +148,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .expect("the tokio runtime starts")

@@ -330,6 +330,11 @@ async fn deep_recursion_traps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recursion_that_exhausts_the_wasm_stack_is_a_stack_overflow() {
+    contained("deep-recursion", r#"{ exhaust = "wasm-stack" }"#, "stack").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_traps() {
     contained("panic", "{}", "trap").await;
 }
@@ -711,4 +716,84 @@ fn plugin_try_shows_each_hooks_decision() {
         .unwrap();
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["create"]["expires_in_seconds"], 90);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_policies_of_the_running_binary() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (harness::free_port(), harness::free_port());
+    let config_for = |entry: &str| {
+        let db = format!("sqlite://{}/sg.db", dir.path().display());
+        let mut text = GatewaySpec::standard(&upstream.url())
+            .cookie_secure(false)
+            .to_toml(
+                &db,
+                &format!("127.0.0.1:{port}"),
+                &format!("127.0.0.1:{admin_port}"),
+            );
+        text.push_str(entry);
+        text
+    };
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        config_for(&policy(
+            &testing("tag"),
+            r#"{ key = "v", value = "1" }"#,
+            "",
+        )),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let client = harness::client();
+    let plugin_of = |v: &Value| {
+        v["policies"][0]["plugin"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(resp) = client
+            .get(format!("{admin}/v1/policies"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            && let Ok(v) = resp.json::<Value>().await
+        {
+            assert!(plugin_of(&v).ends_with("tag.wasm"), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the binary never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(&path, config_for(&policy(&testing("deny"), "{}", ""))).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = policies_list(&client, &admin).await;
+        if plugin_of(&v).ends_with("deny.wasm") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not reload: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit}");
 }
