@@ -8,13 +8,27 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
+    pub route: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
+    pub route: &'static str,
+}
+
+/// A `'static` copy of a label (a route prefix, a plugin name), made once
+/// per distinct text: per-request metric labels then cost no allocation.
+/// Such labels are few and fixed by the config, so the set stays small.
+pub fn intern(text: &str) -> &'static str {
+    static INTERNED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut interned = INTERNED.lock().expect("intern lock");
+    if let Some(found) = interned.iter().find(|s| **s == text) {
+        return found;
+    }
+    let leaked: &'static str = Box::leak(text.to_string().into_boxed_str());
+    interned.push(leaked);
+    leaked
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,7 +41,7 @@ pub struct LookupLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyCallLabels {
-    pub plugin: String,
+    pub plugin: &'static str,
     pub hook: &'static str,
     /// `allow`, `extend`, `deny` or `error`.
     pub outcome: &'static str,
@@ -35,7 +49,7 @@ pub struct PolicyCallLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyFailureLabels {
-    pub plugin: String,
+    pub plugin: &'static str,
     /// `timeout`, `memory`, `stack`, `trap`, `invalid_decision`, `instantiate`.
     pub kind: &'static str,
 }
@@ -196,36 +210,29 @@ impl Metrics {
             .inc();
     }
 
-    pub fn observe_request(&self, route: &str, status: u16, seconds: f64) {
+    pub fn observe_request(&self, route: &'static str, status: u16, seconds: f64) {
         self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_string(),
-                status,
-            })
+            .get_or_create(&RequestLabels { route, status })
             .inc();
         self.latency
-            .get_or_create(&RouteLabels {
-                route: route.to_string(),
-            })
+            .get_or_create(&RouteLabels { route })
             .observe(seconds);
     }
 
-    pub fn policy_call(&self, plugin: &str, hook: &'static str, outcome: &'static str) {
+    /// `plugin` is an [`intern`]ed name.
+    pub fn policy_call(&self, plugin: &'static str, hook: &'static str, outcome: &'static str) {
         self.policy_calls
             .get_or_create(&PolicyCallLabels {
-                plugin: plugin.to_string(),
+                plugin,
                 hook,
                 outcome,
             })
             .inc();
     }
 
-    pub fn policy_failure(&self, plugin: &str, kind: &'static str) {
+    pub fn policy_failure(&self, plugin: &'static str, kind: &'static str) {
         self.policy_failures
-            .get_or_create(&PolicyFailureLabels {
-                plugin: plugin.to_string(),
-                kind,
-            })
+            .get_or_create(&PolicyFailureLabels { plugin, kind })
             .inc();
     }
 

@@ -48,8 +48,21 @@ pub struct Gateway {
     pub token_key: TokenKey,
     pub metrics: Arc<Metrics>,
     pub policies: Arc<Policies>,
-    routes: Vec<RouteConfig>,
+    routes: Vec<Route>,
     upstreams: Vec<Arc<Upstream>>,
+}
+
+/// A configured route with its metric label.
+struct Route {
+    config: RouteConfig,
+    label: &'static str,
+}
+
+impl std::ops::Deref for Route {
+    type Target = RouteConfig;
+    fn deref(&self) -> &RouteConfig {
+        &self.config
+    }
 }
 
 /// The token a request presented, after the shape and MAC checks.
@@ -62,7 +75,7 @@ enum Presented {
 
 /// What one request did, for its log line.
 struct Outcome {
-    route: String,
+    route: &'static str,
     session_id: Option<uuid::Uuid>,
 }
 
@@ -74,7 +87,14 @@ impl Gateway {
         metrics: Arc<Metrics>,
         policies: Arc<Policies>,
     ) -> Gateway {
-        let mut routes = config.routes.clone();
+        let mut routes: Vec<Route> = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                label: crate::metrics::intern(&r.prefix),
+                config: r.clone(),
+            })
+            .collect();
         // Longest prefix first, so the first match is the most specific.
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         let upstreams = config.upstreams.iter().map(Upstream::new).collect();
@@ -89,7 +109,7 @@ impl Gateway {
         }
     }
 
-    fn route(&self, path: &str) -> Option<&RouteConfig> {
+    fn route(&self, path: &str) -> Option<&Route> {
         self.routes.iter().find(|r| path.starts_with(&r.prefix))
     }
 
@@ -106,7 +126,7 @@ impl Gateway {
         let path = req.uri().path().to_string();
         let html = accepts_html(req.headers());
         let mut outcome = Outcome {
-            route: "-".to_string(),
+            route: "-",
             session_id: None,
         };
         let mut resp = match self.proxy(req, peer, &request_id, &mut outcome).await {
@@ -134,7 +154,7 @@ impl Gateway {
         let elapsed = started.elapsed();
         let status = resp.status().as_u16();
         self.metrics
-            .observe_request(&outcome.route, status, elapsed.as_secs_f64());
+            .observe_request(outcome.route, status, elapsed.as_secs_f64());
         tracing::info!(
             target: "sessiongate::access",
             request_id = %request_id,
@@ -157,7 +177,7 @@ impl Gateway {
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError> {
         let route = self.route(req.uri().path()).ok_or(ProxyError::NoRoute)?;
-        outcome.route = route.prefix.clone();
+        outcome.route = route.label;
 
         // Authenticate.
         let presented = self.presented_token(req.headers());

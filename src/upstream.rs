@@ -103,12 +103,18 @@ impl Upstream {
         let order: Vec<usize> = self.order().collect();
         let attempts = if body_is_empty { order.len() } else { 1 };
         let mut body = Some(body);
-        for &target in order.iter().take(attempts) {
+        let mut headers = Some(headers);
+        for (attempt, &target) in order.iter().take(attempts).enumerate() {
             let mut req = Request::new(body.take().unwrap_or_else(body::empty));
             *req.method_mut() = method.clone();
             *req.uri_mut() = self.uri_for(target, path.as_ref());
             *req.version_mut() = Version::HTTP_11;
-            *req.headers_mut() = headers.clone();
+            // Only a retry needs a copy of the headers.
+            *req.headers_mut() = if attempt + 1 == attempts {
+                headers.take().unwrap_or_default()
+            } else {
+                headers.clone().unwrap_or_default()
+            };
             match tokio::time::timeout(self.timeout, self.client.request(req)).await {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
                 Ok(Ok(resp)) => return Ok(resp),

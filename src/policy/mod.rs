@@ -217,13 +217,13 @@ impl PolicyChain {
     }
 
     fn record(&self, plugin: &Plugin, hook: &'static str, outcome: &'static str) {
-        self.metrics.policy_call(&plugin.name, hook, outcome);
+        self.metrics.policy_call(plugin.label, hook, outcome);
     }
 
     /// A failed plugin: logged, counted, and resolved by its `on_error`.
     fn failed(&self, l: &Loaded, hook: &'static str, failure: &PluginFailure) -> Option<Refusal> {
         self.record(&l.plugin, hook, "error");
-        self.metrics.policy_failure(&l.plugin.name, failure.kind());
+        self.metrics.policy_failure(l.plugin.label, failure.kind());
         tracing::warn!(
             plugin = %l.plugin.path,
             hook,

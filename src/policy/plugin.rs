@@ -147,6 +147,8 @@ const MAX_IDLE: usize = 16;
 
 pub struct Plugin {
     pub name: Arc<str>,
+    /// The name as an interned metric label.
+    pub label: &'static str,
     pub path: String,
     pub sha256: String,
     pub hooks: types::Hooks,
@@ -212,6 +214,7 @@ impl Plugin {
             .unwrap_or_else(|| path.to_string())
             .into();
         let mut plugin = Plugin {
+            label: crate::metrics::intern(&name),
             name,
             path: path.to_string(),
             sha256,

@@ -85,6 +85,33 @@ impl RedisTier {
         key
     }
 
+    /// `SET key record PXAT expiry [NX]`: a session record expiring with
+    /// its session; with `only_if_absent`, nothing already there (a fresher
+    /// record or a tombstone) is overwritten.
+    async fn set(
+        &self,
+        key: &TokenHash,
+        session: &Session,
+        only_if_absent: bool,
+    ) -> StoreResult<()> {
+        if !session.is_live(now_ms()) {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(key))
+            .arg(codec::encode(session))
+            .arg("PXAT")
+            .arg(session.expires_at);
+        if only_if_absent {
+            cmd.arg("NX");
+        }
+        cmd.query_async::<Option<String>>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))?;
+        Ok(())
+    }
+
     /// The key a session hash is stored under (for tests and operators).
     pub fn key_for(&self, hash: &TokenHash) -> String {
         self.key(hash)
@@ -120,35 +147,11 @@ impl FastTier for RedisTier {
     }
 
     async fn put(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
-        if !session.is_live(now_ms()) {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        redis::cmd("SET")
-            .arg(self.key(key))
-            .arg(codec::encode(&session))
-            .arg("PXAT")
-            .arg(session.expires_at)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| unavailable(&self.address, e))
+        self.set(key, &session, false).await
     }
 
     async fn restore(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
-        if !session.is_live(now_ms()) {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        redis::cmd("SET")
-            .arg(self.key(key))
-            .arg(codec::encode(&session))
-            .arg("PXAT")
-            .arg(session.expires_at)
-            .arg("NX")
-            .query_async::<Option<String>>(&mut conn)
-            .await
-            .map_err(|e| unavailable(&self.address, e))?;
-        Ok(())
+        self.set(key, &session, true).await
     }
 
     async fn refresh(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
