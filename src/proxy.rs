@@ -202,11 +202,20 @@ impl Gateway {
         if route.auth == AuthMode::Required && session.is_none() {
             return Err(ProxyError::InvalidSession);
         }
+        // What the policy hooks may see of the request; kept (cheaply:
+        // shared buffers) for the create hooks too, should the response
+        // log someone in.
+        let context = RequestContext {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host: req.headers().get(header::HOST).cloned(),
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            peer,
+        };
         if let (Some(s), Presented::Valid(key)) = (&session, presented) {
             let chain = self.policies.chain();
             let extend = if chain.wants_access() {
-                let info = request_info(&req, peer);
-                match chain.on_access(s, &info, session::now_ms()) {
+                match chain.on_access(s, &context.info(), session::now_ms()) {
                     AccessOutcome::Allow => None,
                     AccessOutcome::Extend(at) => Some(at),
                     AccessOutcome::Refuse(refusal) => return Err(refusal.into()),
@@ -216,16 +225,6 @@ impl Gateway {
             };
             self.note_activity(&key, s, extend).await;
         }
-
-        // Kept (cheaply: shared buffers) for the create hooks, should the
-        // response log someone in.
-        let context = RequestContext {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            host: req.headers().get(header::HOST).cloned(),
-            user_agent: req.headers().get(header::USER_AGENT).cloned(),
-            peer,
-        };
 
         // Rewrite.
         let upgrade = h::is_upgrade_request(req.headers());
@@ -539,31 +538,6 @@ impl RequestContext {
             client_addr: self.peer.ip().to_string(),
             user_agent: text(&self.user_agent),
         }
-    }
-}
-
-/// What a policy may see of a request.
-fn request_info<B>(req: &Request<B>, peer: SocketAddr) -> RequestInfo {
-    let header = |name: header::HeaderName| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    };
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
-    RequestInfo {
-        method: req.method().to_string(),
-        path: req.uri().path().to_string(),
-        host,
-        client_addr: peer.ip().to_string(),
-        user_agent: header(header::USER_AGENT),
     }
 }
 
