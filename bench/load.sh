@@ -6,6 +6,7 @@
 #   bench/load.sh [--quick] [--duration S] [--rounds N] [--warmup S]
 #                 [--connections N] [--sessions N] [--rss-sessions N]
 #                 [--targets a,b,...] [--out DIR] [--skip-install] [--skip-build]
+#                 [--profile]
 #
 # What it does, in order:
 #  1. installs what is missing from Debian's packages (nginx,
@@ -22,6 +23,9 @@
 #                       PostgreSQL (database sessiongate_load), local cache 1 s
 #       sg-redis        sessiongate C, :18092 (admin :18192): Redis :6392 +
 #                       PostgreSQL, no local cache (one Redis GET per request)
+#       sg-passthrough  sessiongate, :18094 (admin :18194), embedded store, the
+#                       route with auth = "none" and no policies: what the
+#                       proxy itself costs, without authentication (a floor)
 #     every sessiongate with server.worker_threads = 1 and log level warn;
 #  4. seeds --sessions sessions per session gateway (admin API / redis-cli);
 #  5. checks that every target proxies and that the session gateways
@@ -33,10 +37,18 @@
 #  7. with --rss-sessions N (default 100000; 0 skips it), starts one more
 #     sessiongate A, seeds N sessions, and measures its RSS while wrk
 #     rotates through every token;
-#  8. prints the report (bench/report.py) and stops everything it started.
+#  8. with --profile, records a CPU profile of each sessiongate under load
+#     (`perf record -e cpu-clock`, software clock: this VM has no hardware
+#     counters) and writes its top costs to profile-<target>.txt;
+#  9. prints the report (bench/report.py) and stops everything it started.
+#
+# For every run at --connections it also records the CPU time (utime +
+# stime from /proc) that the proxy, its Redis and the origin spent per
+# request.
 #
 # Environment: the same settings as DURATION, ROUNDS, WARMUP, CONNECTIONS,
-# SESSIONS, RSS_SESSIONS, TARGETS, OUT_DIR, SKIP_INSTALL=1, SKIP_BUILD=1.
+# SESSIONS, RSS_SESSIONS, TARGETS, OUT_DIR, SKIP_INSTALL=1, SKIP_BUILD=1,
+# PROFILE=1.
 # PostgreSQL must listen on 127.0.0.1:5432 with trust auth for user postgres
 # (scripts/services.sh starts it); the database sessiongate_load is dropped
 # and created again on every run. Results go to bench/results/<timestamp>/
@@ -53,10 +65,11 @@ WARMUP="${WARMUP:-1}"
 CONNECTIONS="${CONNECTIONS:-32}"
 SESSIONS="${SESSIONS:-}"
 RSS_SESSIONS="${RSS_SESSIONS:-}"
-TARGETS="${TARGETS:-nginx-proxy,haproxy,nginx-lua,sg-embedded,sg-redis-cache,sg-redis}"
+TARGETS="${TARGETS:-nginx-proxy,haproxy,nginx-lua,sg-embedded,sg-redis-cache,sg-redis,sg-passthrough}"
 OUT_DIR="${OUT_DIR:-}"
 SKIP_INSTALL="${SKIP_INSTALL:-0}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
+PROFILE="${PROFILE:-0}"
 QUICK=0
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
@@ -74,6 +87,7 @@ while [[ $# -gt 0 ]]; do
         --out) OUT_DIR="$2"; shift ;;
         --skip-install) SKIP_INSTALL=1 ;;
         --skip-build) SKIP_BUILD=1 ;;
+        --profile) PROFILE=1 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "load.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -108,9 +122,16 @@ IFS=, read -r -a TARGET_LIST <<<"$TARGETS"
 # Ports (all on 127.0.0.1).
 ORIGIN_PORT=18080
 declare -A PORT=([nginx-proxy]=18081 [haproxy]=18082 [nginx-lua]=18083
-    [sg-embedded]=18090 [sg-redis-cache]=18091 [sg-redis]=18092 [sg-big]=18093)
-declare -A ADMIN_PORT=([sg-embedded]=18190 [sg-redis-cache]=18191 [sg-redis]=18192 [sg-big]=18193)
+    [sg-embedded]=18090 [sg-redis-cache]=18091 [sg-redis]=18092 [sg-big]=18093 [sg-passthrough]=18094)
+declare -A ADMIN_PORT=([sg-embedded]=18190 [sg-redis-cache]=18191 [sg-redis]=18192 [sg-big]=18193
+    [sg-passthrough]=18194)
 declare -A REDIS_PORT=([nginx-lua]=6390 [sg-redis-cache]=6391 [sg-redis]=6392)
+for t in "${TARGET_LIST[@]}"; do
+    case "$t" in
+        nginx-proxy | haproxy | nginx-lua | sg-embedded | sg-redis-cache | sg-redis | sg-passthrough) ;;
+        *) echo "load.sh: unknown target '$t' (nginx-proxy, haproxy, nginx-lua, sg-embedded, sg-redis-cache, sg-redis, sg-passthrough)" >&2; exit 2 ;;
+    esac
+done
 PG_URL_ADMIN="postgres://postgres@127.0.0.1:5432/postgres"
 PG_DB=sessiongate_load
 export PGCONNECT_TIMEOUT=5
@@ -133,6 +154,7 @@ install_missing() {
     command -v psql >/dev/null || pkgs+=(postgresql-client)
     command -v curl >/dev/null || pkgs+=(curl)
     command -v python3 >/dev/null || pkgs+=(python3)
+    if [[ "$PROFILE" == 1 ]]; then command -v perf >/dev/null || pkgs+=(linux-perf); fi
     if ((${#pkgs[@]})); then
         log "installing ${pkgs[*]}"
         apt-get update -qq
@@ -266,10 +288,13 @@ if has_target nginx-lua; then
     wait_port nginx-lua "${PORT[nginx-lua]}"
 fi
 
-# sg_config NAME DATABASE_URL REDIS_URL LOCAL_CACHE_MS: writes $RUN/NAME.toml.
-# The [[policies]] are gateway.toml's own, with absolute plugin paths.
+# sg_config NAME DATABASE_URL REDIS_URL LOCAL_CACHE_MS [passthrough]: writes
+# $RUN/NAME.toml. The [[policies]] are gateway.toml's own, with absolute
+# plugin paths; "passthrough" means auth = "none" and no policies.
 sg_config() {
-    local name="$1" db="$2" redis="$3" cache_ms="$4" file="$RUN/$1.toml"
+    local name="$1" db="$2" redis="$3" cache_ms="$4" mode="${5:-}" file="$RUN/$1.toml"
+    local auth=required
+    if [[ "$mode" == passthrough ]]; then auth=none; fi
     {
         cat <<EOF
 # Written by bench/load.sh.
@@ -303,13 +328,17 @@ urls = ["http://127.0.0.1:$ORIGIN_PORT"]
 [[routes]]
 prefix = "/"
 upstream = "origin"
-auth = "required"
+auth = "$auth"
 
 EOF
-        awk '/^\[\[policies\]\]/ { p = 1 } /^\[/ && !/^\[\[policies\]\]/ { p = 0 } p' \
-            "$ROOT/gateway.toml" | sed "s#^plugin = \"plugins/#plugin = \"$ROOT/plugins/#"
+        if [[ "$mode" != passthrough ]]; then
+            awk '/^\[\[policies\]\]/ { p = 1 } /^\[/ && !/^\[\[policies\]\]/ { p = 0 } p' \
+                "$ROOT/gateway.toml" | sed "s#^plugin = \"plugins/#plugin = \"$ROOT/plugins/#"
+        fi
     } >"$file"
-    grep -q '^\[\[policies\]\]' "$file" || die "no [[policies]] found in gateway.toml"
+    if [[ "$mode" != passthrough ]]; then
+        grep -q '^\[\[policies\]\]' "$file" || die "no [[policies]] found in gateway.toml"
+    fi
     "$SG" check --config "$file" >"$RUN/logs/$name.check.log" 2>&1 ||
         { cat "$RUN/logs/$name.check.log" >&2; die "sessiongate check failed for $file"; }
 }
@@ -348,6 +377,10 @@ if has_target sg-redis; then
     sg_config sg-redis "$PG_URL" "redis://127.0.0.1:${REDIS_PORT[sg-redis]}" 0
     start_sg sg-redis
 fi
+if has_target sg-passthrough; then
+    sg_config sg-passthrough "sqlite://$RUN/sg-passthrough.db" "" 0 passthrough
+    start_sg sg-passthrough
+fi
 
 # ---------------------------------------------------------------- 4. seed
 declare -A TOKEN=() USER_ID=()
@@ -358,6 +391,7 @@ seed_sg() { # name count file prefix
 }
 for t in "${TARGET_LIST[@]}"; do
     case "$t" in
+        sg-passthrough) ;;
         sg-*)
             log "seeding $SESSIONS sessions into $t (admin API)"
             seed_sg "$t" "$SESSIONS" "$RUN/tokens-$t.tsv" "$t"
@@ -371,7 +405,6 @@ for t in "${TARGET_LIST[@]}"; do
                 { cat "$RUN/logs/redis-pipe.log" >&2; die "redis-cli --pipe reported errors"; }
             ;;
         nginx-proxy | haproxy) ;;
-        *) die "unknown target $t (known: ${!PORT[*]})" ;;
     esac
 done
 for t in "${TARGET_LIST[@]}"; do
@@ -421,13 +454,36 @@ mkdir -p "$OUT_DIR/raw"
     echo "settings: duration ${DURATION}s, warm-up ${WARMUP}s, rounds $ROUNDS, connections $CONNECTIONS and 1, $SESSIONS sessions per session gateway"
     echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
     echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "haproxy " $3}'), redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), $(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'), sessiongate $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' + uncommitted changes')"
+    echo "binary: target/release/sessiongate built $(date -r "$SG" -Iseconds 2>/dev/null || echo '?')"
     echo "pinning: servers on CPU 1 (taskset -c 1), wrk on CPU 0; PostgreSQL (system service) unpinned"
     echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$OUT_DIR/meta.txt"
 printf 'round\ttarget\tconns\trps\tp50_us\tp99_us\tnon2xx\tsocket_errors\n' >"$OUT_DIR/results.tsv"
 printf 'target\tround\tpeak_kib\thwm_kib\n' >"$OUT_DIR/rss.tsv"
+printf 'target\tround\trequests\tclk_tck\tproxy_ticks\tredis_ticks\torigin_ticks\tcpu0_busy\tcpu0_total\tcpu1_busy\tcpu1_total\tsteal0\tsteal1\n' >"$OUT_DIR/cpu.tsv"
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# CPU time (clock ticks, utime + stime) of a process, its threads and its
+# direct children (nginx's worker).
+CLK_TCK="$(getconf CLK_TCK)"
+proc_ticks() {
+    local pid="$1" total=0 p
+    for p in "$pid" $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
+        total=$((total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+# cpu_snapshot: "busy0 total0 busy1 total1 steal0 steal1" in clock ticks from
+# /proc/stat (busy = user + nice + system + irq + softirq).
+cpu_snapshot() {
+    awk '$1 == "cpu0" || $1 == "cpu1" {
+        busy = $2 + $3 + $4 + $7 + $8; total = busy + $5 + $6 + $9
+        b[$1] = busy; t[$1] = total; st[$1] = $9 }
+        END { print b["cpu0"], t["cpu0"], b["cpu1"], t["cpu1"], st["cpu0"], st["cpu1"] }' /proc/stat
+}
+declare -A AUX=([nginx-lua]=redis-lua [sg-redis-cache]=redis-sg-redis-cache [sg-redis]=redis-sg-redis)
+aux_ticks() { if [[ -n "${AUX[$1]:-}" ]]; then proc_ticks "${PID[${AUX[$1]}]}"; else echo 0; fi; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
 # rss_sampler PID FILE: writes the highest VmRSS seen (KiB) to FILE, every 0.25 s.
@@ -469,17 +525,29 @@ for ((r = 1; r <= ROUNDS; r++)); do
                 wrk_run "$OUT_DIR/raw/warmup.txt" "$conns" "$WARMUP" "$url" "${hdr[@]}"
             fi
             raw="$OUT_DIR/raw/r$r-$t-c$conns.txt"
-            if [[ "$t" == sg-* && "$conns" != 1 ]]; then
-                start_sampler "${PID[$t]}" "$RUN/rss-peak"
+            if [[ "$conns" != 1 ]]; then
+                [[ "$t" == sg-* ]] && start_sampler "${PID[$t]}" "$RUN/rss-peak"
+                p0="$(proc_ticks "${PID[$t]}")" a0="$(aux_ticks "$t")" o0="$(proc_ticks "${PID[origin]}")"
+                read -r -a s0 < <(cpu_snapshot)
                 wrk_run "$raw" "$conns" "$DURATION" "$url" "${hdr[@]}"
-                stop_sampler
-                printf '%s\t%s\t%s\t%s\n' "$t" "$r" "$(cat "$RUN/rss-peak")" "$(hwm_kib "${PID[$t]}")" >>"$OUT_DIR/rss.tsv"
+                read -r -a s1 < <(cpu_snapshot)
+                p1="$(proc_ticks "${PID[$t]}")" a1="$(aux_ticks "$t")" o1="$(proc_ticks "${PID[origin]}")"
+                if [[ "$t" == sg-* ]]; then
+                    stop_sampler
+                    printf '%s\t%s\t%s\t%s\n' "$t" "$r" "$(cat "$RUN/rss-peak")" "$(hwm_kib "${PID[$t]}")" >>"$OUT_DIR/rss.tsv"
+                fi
             else
                 wrk_run "$raw" "$conns" "$DURATION" "$url" "${hdr[@]}"
             fi
-            read -r rps p50 p99 non2xx sockerr _ < <(python3 "$BENCH/report.py" parse "$raw")
+            read -r rps p50 p99 non2xx sockerr requests < <(python3 "$BENCH/report.py" parse "$raw")
+            if [[ "$conns" != 1 ]]; then
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$requests" "$CLK_TCK" \
+                    $((p1 - p0)) $((a1 - a0)) $((o1 - o0)) $((s1[0] - s0[0])) $((s1[1] - s0[1])) \
+                    $((s1[2] - s0[2])) $((s1[3] - s0[3])) $((s1[4] - s0[4])) $((s1[5] - s0[5])) >>"$OUT_DIR/cpu.tsv"
+                foreign=$(( (s1[2] - s0[2] - (p1 - p0) - (a1 - a0) - (o1 - o0)) * 100 / (s1[3] - s0[3] + 1) ))
+            fi
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$conns" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" >>"$OUT_DIR/results.tsv"
-            log "  $t c$conns: $rps req/s, p50 ${p50} µs, p99 ${p99} µs$( ((non2xx + sockerr)) && echo ", $non2xx non-2xx, $sockerr socket errors")"
+            log "  $t c$conns: $rps req/s, p50 ${p50} µs, p99 ${p99} µs$( ((non2xx + sockerr)) && echo ", $non2xx non-2xx, $sockerr socket errors")$([[ "$conns" != 1 ]] && echo " (CPU 0 busy $(( (s1[0] - s0[0]) * 100 / (s1[1] - s0[1] + 1) ))%, CPU 1 busy $(( (s1[2] - s0[2]) * 100 / (s1[3] - s0[3] + 1) ))%, of which not ours ${foreign}%)")"
         done
     done
 done
@@ -514,7 +582,46 @@ if ((RSS_SESSIONS > 0)); then
     stop_pid sg-big "${PID[sg-big]}"
 fi
 
-# ---------------------------------------------------------------- 8. report
+# ---------------------------------------------------------------- 8. profile
+# perf_top N ARGS...: the first N lines of `perf report --stdio ARGS`.
+perf_top() {
+    local n="$1"
+    shift
+    perf report --stdio -g none "$@" 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n "$n" || true
+}
+if [[ "$PROFILE" == 1 ]]; then
+    for t in "${TARGET_LIST[@]}"; do
+        [[ "$t" == sg-* ]] || continue
+        secs=$((DURATION > 4 ? DURATION - 2 : 2))
+        log "profiling $t under load (perf record -e cpu-clock, ${secs}s)"
+        taskset -c 0 timeout $((secs + 40)) wrk -t1 -c"$CONNECTIONS" -d"$((secs + 2))s" \
+            -H "Cookie: sg_session=${TOKEN[$t]}" "http://127.0.0.1:${PORT[$t]}/" >"$OUT_DIR/raw/profile-$t-wrk.txt" 2>&1 &
+        wrk_pid=$!
+        sleep 1
+        taskset -c 0 timeout $((secs + 60)) perf record -q -e cpu-clock -F 499 -g --call-graph dwarf,16384 \
+            -p "${PID[$t]}" -o "$RUN/perf-$t.data" -- sleep "$secs" >"$RUN/logs/perf-$t.log" 2>&1 ||
+            { cat "$RUN/logs/perf-$t.log" >&2; die "perf record failed"; }
+        wait "$wrk_pid" || true
+        data="$RUN/perf-$t.data"
+        {
+            echo "# $t: perf record -e cpu-clock -F 499 -g --call-graph dwarf, ${secs}s at $CONNECTIONS connections"
+            grep 'Requests/sec' "$OUT_DIR/raw/profile-$t-wrk.txt" || true
+            echo
+            echo "## Share by DSO (self)"
+            perf_top 8 -i "$data" --no-children --sort dso
+            echo
+            echo "## Top symbols (self)"
+            perf_top 40 -i "$data" --no-children --sort sym
+            echo
+            echo "## sessiongate functions (inclusive, with children)"
+            perf_top 100000 -i "$data" --children --sort sym |
+                grep -E '\] (sessiongate::[A-Za-z_:]+|hyper_util::client::legacy::client::Client<C,B>::send_request|uuid::[^ ]+|redis::[A-Za-z_:]+|moka::sync::[A-Za-z_:<>,]+)' |
+                awk '{print $1, $2, $4}' | sort -u -k3,3 | sort -rn | head -40 || true
+        } >"$OUT_DIR/profile-$t.txt" 2>&1
+    done
+fi
+
+# ---------------------------------------------------------------- 9. report
 rc=0
 python3 "$BENCH/report.py" summary "$OUT_DIR" >"$OUT_DIR/report.md" || rc=$?
 cat "$OUT_DIR/report.md"

@@ -27,6 +27,7 @@ LABELS = {
     "sg-embedded": "sessiongate A: embedded (memory + SQLite)",
     "sg-redis-cache": "sessiongate B: Redis + PG, local cache 1 s",
     "sg-redis": "sessiongate C: Redis + PG, no local cache",
+    "sg-passthrough": "sessiongate, auth = none, no policies (proxy floor)",
 }
 ORDER = list(LABELS)
 
@@ -154,6 +155,57 @@ def summary(results_dir):
         "(min–max) of the per-round ratios (each target against nginx in the same round)."
     )
     out.append("")
+
+    # CPU per request (from /proc, runs at the high connection count).
+    cpu = defaultdict(lambda: defaultdict(list))
+    if (d / "cpu.tsv").exists():
+        for line in (d / "cpu.tsv").read_text().splitlines():
+            if not line or line.startswith("target"):
+                continue
+            f = line.split("\t")
+            target, _rnd, requests, tck, proxy, redis, origin = f[:7]
+            per = 1e6 / int(tck) / max(int(requests), 1)
+            if len(f) >= 13:
+                b0, t0, b1, t1, st0, st1 = (int(x) for x in f[7:13])
+                ours = int(proxy) + int(redis) + int(origin)
+                cpu[target]["busy0"].append(100 * b0 / max(t0, 1))
+                cpu[target]["busy1"].append(100 * b1 / max(t1, 1))
+                cpu[target]["foreign1"].append(max(0.0, 100 * (b1 - ours) / max(t1, 1)))
+                cpu[target]["steal"].append(100 * (st0 + st1) / max(t0 + t1, 1))
+            cpu[target]["proxy"].append(int(proxy) * per)
+            cpu[target]["redis"].append(int(redis) * per)
+            cpu[target]["origin"].append(int(origin) * per)
+            cpu[target]["total"].append((int(proxy) + int(redis) + int(origin)) * per)
+    if cpu:
+        f1 = lambda v: f"{v:.1f}"  # noqa: E731
+        out.append(
+            f"CPU time per request at {conns_hi} connections (utime + stime from /proc; "
+            "the proxy, the session gateway's own Redis, the origin — all on CPU 1):"
+        )
+        out.append("")
+        out.append(
+            "| target | proxy µs/req | its Redis µs/req | origin µs/req | CPU 1 total µs/req "
+            "| CPU 0 (wrk) busy % | CPU 1 busy % | CPU 1 not ours % | steal % |"
+        )
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        f0 = lambda v: f"{v:.0f}"  # noqa: E731
+        for t in targets:
+            if t in cpu:
+                c = cpu[t]
+                redis = spread(c["redis"], f1) if any(c["redis"]) else "–"
+                extra = [
+                    spread(c[k], f0) if c.get(k) else "–" for k in ("busy0", "busy1", "foreign1", "steal")
+                ]
+                out.append(
+                    f"| {LABELS.get(t, t)} | {spread(c['proxy'], f1)} | {redis} | "
+                    f"{spread(c['origin'], f1)} | {spread(c['total'], f1)} | " + " | ".join(extra) + " |"
+                )
+        out.append("")
+        out.append(
+            "\"CPU 1 not ours\" is CPU 1's busy time minus what the proxy, its Redis and the origin used: "
+            "other processes (compilers, the system PostgreSQL, the kernel's own work) competing during the run."
+        )
+        out.append("")
 
     # Noise: does a target's range overlap the baseline's?
     if base:
