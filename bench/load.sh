@@ -195,7 +195,9 @@ stop_pid() { # name pid: TERM, up to 10 s, then KILL (children too)
         sleep 0.1
     done
     if [[ -d /proc/$pid && "$(awk '{print $3}' /proc/"$pid"/stat 2>/dev/null)" != Z ]]; then
-        log "$name ($pid) did not stop on SIGTERM; killing it"
+        log "$name ($pid) did not stop within 10 s of SIGTERM; killing it (its log: $RUN/logs/$name.log)"
+        tail -n 5 "$RUN/logs/$name.log" >&2 2>/dev/null || true
+        KEEP_RUN_DIR=1
         kill -KILL "$pid" 2>/dev/null || true
     fi
     wait "$pid" 2>/dev/null || true
@@ -212,11 +214,8 @@ cleanup() {
     for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
         stop_pid "${STARTED[$i]}" "${PID[${STARTED[$i]}]}"
     done
-    if ((rc != 0)); then
-        KEEP_RUN_DIR=1
-        log "logs kept in $RUN/logs"
-    fi
-    if [[ "$KEEP_RUN_DIR" == 0 ]]; then rm -rf "$RUN"; fi
+    if ((rc != 0)); then KEEP_RUN_DIR=1; fi
+    if [[ "$KEEP_RUN_DIR" == 0 ]]; then rm -rf "$RUN"; else log "logs kept in $RUN/logs"; fi
     exit "$rc"
 }
 trap cleanup EXIT

@@ -219,17 +219,6 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// `plugin` is an [`intern`]ed name.
-    pub fn policy_call(&self, plugin: &'static str, hook: &'static str, outcome: &'static str) {
-        self.policy_calls
-            .get_or_create(&PolicyCallLabels {
-                plugin,
-                hook,
-                outcome,
-            })
-            .inc();
-    }
-
     pub fn policy_failure(&self, plugin: &'static str, kind: &'static str) {
         self.policy_failures
             .get_or_create(&PolicyFailureLabels { plugin, kind })

@@ -42,15 +42,9 @@ pub const MAX_LIFETIME_MS: i64 = 400 * 24 * 3600 * 1000;
 /// Longest denial reason passed on to a client.
 const MAX_REASON: usize = 256;
 
-/// What the request being authenticated looks like to a policy.
-#[derive(Debug, Clone, Default)]
-pub struct RequestInfo {
-    pub method: String,
-    pub path: String,
-    pub host: String,
-    pub client_addr: String,
-    pub user_agent: String,
-}
+/// What the request being authenticated looks like to a policy: the WIT
+/// record itself, so that handing it to a plugin copies nothing more.
+pub type RequestInfo = wit::RequestInfo;
 
 /// A refusal by a policy, or a failed policy in `deny` mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,16 +99,6 @@ fn to_wit(s: &Session) -> wit::Session {
     }
 }
 
-fn request_to_wit(r: &RequestInfo) -> wit::RequestInfo {
-    wit::RequestInfo {
-        method: r.method.clone(),
-        path: r.path.clone(),
-        host: r.host.clone(),
-        client_addr: r.client_addr.clone(),
-        user_agent: r.user_agent.clone(),
-    }
-}
-
 fn check_denial(d: wit::Denial) -> Result<Refusal, PluginFailure> {
     if !(400..=499).contains(&d.status) {
         return Err(PluginFailure::InvalidDecision(format!(
@@ -160,6 +144,7 @@ impl PolicyChain {
                     timeout: c.timeout,
                     memory_bytes: c.memory_bytes,
                 },
+                &metrics,
             )?;
             plugins.push(Loaded {
                 plugin,
@@ -217,7 +202,7 @@ impl PolicyChain {
     }
 
     fn record(&self, plugin: &Plugin, hook: &'static str, outcome: &'static str) {
-        self.metrics.policy_call(plugin.label, hook, outcome);
+        plugin.count(hook, outcome);
     }
 
     /// A failed plugin: logged, counted, and resolved by its `on_error`.
@@ -247,12 +232,11 @@ impl PolicyChain {
         request: Option<&RequestInfo>,
         now: i64,
     ) -> Result<(), Refusal> {
-        let request = request.map(request_to_wit);
         for l in self.plugins.iter().filter(|l| l.plugin.hooks.on_create) {
             let input = to_wit(session);
             let result = l
                 .plugin
-                .call(|p, store| p.call_on_create(store, &input, request.as_ref(), now))
+                .call(|p, store| p.call_on_create(store, &input, request, now))
                 .and_then(|r| match r {
                     Ok(creation) => {
                         let expires_at = creation
@@ -294,14 +278,13 @@ impl PolicyChain {
     pub fn on_access(&self, session: &Session, request: &RequestInfo, now: i64) -> AccessOutcome {
         let mut expires_at = session.expires_at;
         let mut extended = false;
-        let request = request_to_wit(request);
         let mut input: Option<wit::Session> = None;
         for l in self.plugins.iter().filter(|l| l.plugin.hooks.on_access) {
             let view = input.get_or_insert_with(|| to_wit(session));
             view.expires_at = expires_at;
             let result = l
                 .plugin
-                .call(|p, store| p.call_on_access(store, view, &request, now))
+                .call(|p, store| p.call_on_access(store, view, request, now))
                 .and_then(|decision| match decision {
                     wit::Access::Allow => Ok(None),
                     wit::Access::Extend(at) => check_expiry(at, now).map(|at| Some(Ok(at))),

@@ -145,7 +145,14 @@ struct Slot {
 /// Idle instances kept per plugin.
 const MAX_IDLE: usize = 16;
 
+/// Hooks and outcomes, for the call counters resolved at load.
+const HOOKS: [&str; 3] = ["create", "access", "evict"];
+const OUTCOMES: [&str; 4] = ["allow", "extend", "deny", "error"];
+
 pub struct Plugin {
+    /// `sessiongate_policy_calls_total` for each hook × outcome, resolved
+    /// once so that counting a call is one atomic add.
+    calls: Vec<prometheus_client::metrics::counter::Counter>,
     pub name: Arc<str>,
     /// The name as an interned metric label.
     pub label: &'static str,
@@ -175,12 +182,17 @@ impl Plugin {
     /// Reads, compiles and initializes the plugin at `path` (blocking:
     /// compilation takes tens of milliseconds; call it off the request
     /// path).
-    pub fn load(path: &str, config_json: &str, limits: Limits) -> Result<Plugin, LoadError> {
+    pub fn load(
+        path: &str,
+        config_json: &str,
+        limits: Limits,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Plugin, LoadError> {
         let bytes = std::fs::read(path).map_err(|e| LoadError::Read {
             path: path.to_string(),
             reason: e.to_string(),
         })?;
-        Self::from_bytes(path, &bytes, config_json, limits)
+        Self::from_bytes(path, &bytes, config_json, limits, metrics)
     }
 
     pub fn from_bytes(
@@ -188,6 +200,7 @@ impl Plugin {
         bytes: &[u8],
         config_json: &str,
         limits: Limits,
+        metrics: &crate::metrics::Metrics,
     ) -> Result<Plugin, LoadError> {
         let compile_error = |reason: String| LoadError::Compile {
             path: path.to_string(),
@@ -213,8 +226,23 @@ impl Plugin {
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_else(|| path.to_string())
             .into();
+        let label = crate::metrics::intern(&name);
+        let calls = HOOKS
+            .iter()
+            .flat_map(|hook| OUTCOMES.iter().map(move |outcome| (*hook, *outcome)))
+            .map(|(hook, outcome)| {
+                metrics
+                    .policy_calls
+                    .get_or_create_owned(&crate::metrics::PolicyCallLabels {
+                        plugin: label,
+                        hook,
+                        outcome,
+                    })
+            })
+            .collect();
         let mut plugin = Plugin {
-            label: crate::metrics::intern(&name),
+            calls,
+            label,
             name,
             path: path.to_string(),
             sha256,
@@ -243,6 +271,15 @@ impl Plugin {
         plugin.hooks = hooks;
         plugin.idle.lock().expect("idle lock").push(slot);
         Ok(plugin)
+    }
+
+    /// Counts one call of `hook` that ended in `outcome`.
+    pub fn count(&self, hook: &str, outcome: &str) {
+        let h = HOOKS.iter().position(|x| *x == hook);
+        let o = OUTCOMES.iter().position(|x| *x == outcome);
+        if let (Some(h), Some(o)) = (h, o) {
+            self.calls[h * OUTCOMES.len() + o].inc();
+        }
     }
 
     fn instantiate(&self) -> Result<(Slot, types::Hooks), InitFailure> {
