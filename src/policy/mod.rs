@@ -14,7 +14,6 @@
 pub mod engine;
 pub mod plugin;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -453,9 +452,4 @@ impl Policies {
         }
         stamps
     }
-}
-
-/// Attribute maps from WIT pairs (for tools like `plugin try`).
-pub fn attributes_from_pairs(pairs: Vec<(String, String)>) -> BTreeMap<String, String> {
-    pairs.into_iter().collect()
 }
