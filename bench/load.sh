@@ -157,8 +157,8 @@ install_missing() {
     if [[ "$PROFILE" == 1 ]]; then command -v perf >/dev/null || pkgs+=(linux-perf); fi
     if ((${#pkgs[@]})); then
         log "installing ${pkgs[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+        timeout 900 apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive timeout 1800 apt-get install -y -qq "${pkgs[@]}" >/dev/null
     fi
 }
 if [[ "$SKIP_INSTALL" != 1 ]]; then install_missing; fi
@@ -253,7 +253,7 @@ require_free() {
 }
 
 # ---------------------------------------------------------------- 3. start
-pg_isready -h 127.0.0.1 -p 5432 -q ||
+timeout 10 pg_isready -h 127.0.0.1 -p 5432 -q ||
     die "PostgreSQL is not answering on 127.0.0.1:5432 (scripts/services.sh starts it)"
 require_free "$ORIGIN_PORT" "${PORT[@]}" "${ADMIN_PORT[@]}" "${REDIS_PORT[@]}"
 
@@ -359,8 +359,8 @@ start_sg() {
 
 if has_target sg-redis-cache || has_target sg-redis; then
     log "PostgreSQL: database $PG_DB (dropped and created again)"
-    psql -q -v ON_ERROR_STOP=1 "$PG_URL_ADMIN" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null
-    psql -q -v ON_ERROR_STOP=1 "$PG_URL_ADMIN" -c "CREATE DATABASE $PG_DB" >/dev/null
+    timeout 60 psql -q -v ON_ERROR_STOP=1 "$PG_URL_ADMIN" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null
+    timeout 60 psql -q -v ON_ERROR_STOP=1 "$PG_URL_ADMIN" -c "CREATE DATABASE $PG_DB" >/dev/null
 fi
 if has_target sg-embedded; then
     sg_config sg-embedded "sqlite://$RUN/sg-embedded.db" "" 0
@@ -544,6 +544,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
                     $((p1 - p0)) $((a1 - a0)) $((o1 - o0)) $((s1[0] - s0[0])) $((s1[1] - s0[1])) \
                     $((s1[2] - s0[2])) $((s1[3] - s0[3])) $((s1[4] - s0[4])) $((s1[5] - s0[5])) >>"$OUT_DIR/cpu.tsv"
                 foreign=$(( (s1[2] - s0[2] - (p1 - p0) - (a1 - a0) - (o1 - o0)) * 100 / (s1[3] - s0[3] + 1) ))
+                if ((foreign < 0)); then foreign=0; fi # tick-sampling granularity
             fi
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$t" "$conns" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" >>"$OUT_DIR/results.tsv"
             log "  $t c$conns: $rps req/s, p50 ${p50} µs, p99 ${p99} µs$( ((non2xx + sockerr)) && echo ", $non2xx non-2xx, $sockerr socket errors")$([[ "$conns" != 1 ]] && echo " (CPU 0 busy $(( (s1[0] - s0[0]) * 100 / (s1[1] - s0[1] + 1) ))%, CPU 1 busy $(( (s1[2] - s0[2]) * 100 / (s1[3] - s0[3] + 1) ))%, of which not ours ${foreign}%)")"

@@ -33,7 +33,14 @@ impl TokenHash {
     }
 
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        // On the Redis request path (the key): no formatting machinery.
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(64);
+        for b in self.0 {
+            out.push(DIGITS[(b >> 4) as usize] as char);
+            out.push(DIGITS[(b & 0xf) as usize] as char);
+        }
+        out
     }
 }
 
@@ -159,6 +166,17 @@ mod tests {
         let c = if good.starts_with('A') { "B" } else { "A" };
         good.replace_range(0..1, c);
         assert_eq!(key.verify(&good), Err(MalformedToken::Signature));
+    }
+
+    #[test]
+    fn hex_is_lowercase_and_complete() {
+        let mut bytes = [0u8; 32];
+        bytes[0] = 0xab;
+        bytes[31] = 0x0f;
+        let hex = TokenHash(bytes).to_hex();
+        assert_eq!(hex.len(), 64);
+        assert!(hex.starts_with("ab00"));
+        assert!(hex.ends_with("000f"));
     }
 
     #[test]
