@@ -544,6 +544,11 @@ impl Config {
                 "only applies in front of Redis (store.redis_url); leave it 0 otherwise",
             );
         }
+        let default_pool = if database_url.starts_with("postgres") {
+            8
+        } else {
+            2
+        };
         let store = StoreConfig {
             redis_url: raw.store.redis_url,
             database_url,
@@ -559,10 +564,13 @@ impl Config {
                 raw.store.sweep_interval_seconds,
                 60,
             )),
+            // SQLite runs one writer at a time whatever the pool size, and
+            // each connection keeps its own page cache and thread: two
+            // (a writer and a reader) is what the embedded store can use.
             max_connections: v.positive(
                 "store.max_connections",
                 raw.store.max_connections.map(u64::from),
-                8,
+                default_pool,
             ) as u32,
             min_connections: raw.store.min_connections.unwrap_or(0),
             connect_timeout: Duration::from_millis(v.positive(

@@ -16,7 +16,7 @@ pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -54,6 +54,12 @@ pub fn is_reserved(name: &HeaderName) -> bool {
 /// names. With `keep_upgrade`, `Connection: upgrade` and `Upgrade` stay so
 /// that a WebSocket handshake reaches the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names present
+    // is cheaper than hashing each of the nine (a name Connection lists
+    // implies Connection itself is present).
+    if !keep_upgrade && !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     // Names listed in Connection are hop-by-hop too.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -74,6 +80,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Removes every header named in `names`, after one pass over the names
+/// present: most messages carry none of them, and comparing names is
+/// cheaper than hashing each one for a lookup.
+pub fn remove_all(headers: &mut HeaderMap, names: &[&HeaderName]) {
+    if !headers.keys().any(|k| names.contains(&k)) {
+        return;
+    }
+    for name in names {
+        headers.remove(*name);
     }
 }
 
@@ -106,7 +124,8 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
     if !headers.contains_key(header::COOKIE) {
         return;
     }
-    let kept: Vec<String> = headers
+    let mut kept = String::new();
+    let pairs = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -118,12 +137,16 @@ pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
                     .split_once('=')
                     .map(|(k, _)| k.trim() != name)
                     .unwrap_or(true)
-        })
-        .map(str::to_string)
-        .collect();
+        });
+    for pair in pairs {
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(pair);
+    }
     headers.remove(header::COOKIE);
     if !kept.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+        && let Ok(v) = HeaderValue::from_str(&kept)
     {
         headers.insert(header::COOKIE, v);
     }
@@ -163,6 +186,21 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn remove_all_removes_every_listed_name_and_nothing_else() {
+        let mut h = map(&[("x-a", "1"), ("x-b", "2"), ("x-b", "3"), ("x-c", "4")]);
+        let (a, b) = (
+            HeaderName::from_static("x-a"),
+            HeaderName::from_static("x-b"),
+        );
+        let absent = HeaderName::from_static("x-z");
+        remove_all(&mut h, &[&absent]);
+        assert_eq!(h.len(), 4);
+        remove_all(&mut h, &[&b, &absent, &a]);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-c"));
     }
 
     #[test]

@@ -148,11 +148,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// One worker means a current-thread runtime: every task on one thread,
+/// with no work-stealing queues, cross-thread wake-ups or idle-worker
+/// bookkeeping (measured in BENCHMARKS.md). More workers, or the default
+/// (one per core), mean the multi-threaded scheduler.
 fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        builder.worker_threads(n);
-    }
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder
         .enable_all()
         .build()

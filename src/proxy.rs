@@ -24,7 +24,6 @@ use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -115,15 +114,13 @@ impl Gateway {
 
     /// Handles one request from a client at `peer`. Never fails: every
     /// error becomes its response here.
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let started = Instant::now();
         let request_id = request_id(req.headers());
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        // A shared handle on the request's bytes, not a copy.
+        let uri = req.uri().clone();
+        let path = uri.path();
         let html = accepts_html(req.headers());
         let mut outcome = Outcome {
             route: "-",
@@ -139,25 +136,23 @@ impl Gateway {
                         .inc();
                 }
                 let redirect = self
-                    .route(&path)
+                    .route(path)
                     .and_then(|r| r.login_redirect.as_deref())
                     .filter(|_| e.is_auth_failure());
                 match redirect {
                     Some(location) if html => login_redirect(location),
-                    _ => e.into_response(&request_id),
+                    _ => e.into_response(request_id_text(&request_id)),
                 }
             }
         };
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert(X_REQUEST_ID, v);
-        }
+        resp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         let elapsed = started.elapsed();
         let status = resp.status().as_u16();
         self.metrics
             .observe_request(outcome.route, status, elapsed.as_secs_f64());
         tracing::info!(
             target: "sessiongate::access",
-            request_id = %request_id,
+            request_id = request_id_text(&request_id),
             method = %method,
             path = %path,
             route = %outcome.route,
@@ -172,8 +167,8 @@ impl Gateway {
     async fn proxy(
         &self,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
-        request_id: &str,
+        peer: Peer,
+        request_id: &HeaderValue,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError> {
         let route = self.route(req.uri().path()).ok_or(ProxyError::NoRoute)?;
@@ -193,7 +188,7 @@ impl Gateway {
                 }
                 Ok(None) => None,
                 Err(e) => {
-                    tracing::error!(request_id, error = %e, "session lookup failed");
+                    tracing::error!(request_id = request_id_text(request_id), error = %e, "session lookup failed");
                     return Err(ProxyError::StoreUnavailable);
                 }
             },
@@ -210,7 +205,7 @@ impl Gateway {
             uri: req.uri().clone(),
             host: req.headers().get(header::HOST).cloned(),
             user_agent: req.headers().get(header::USER_AGENT).cloned(),
-            peer,
+            peer: peer.addr,
         };
         if let (Some(s), Presented::Valid(key)) = (&session, presented) {
             let chain = self.policies.chain();
@@ -231,21 +226,19 @@ impl Gateway {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, incoming) = req.into_parts();
         let mut headers = parts.headers;
-        self.rewrite_request_headers(&mut headers, &parts.uri, peer, request_id, upgrade);
+        self.rewrite_request_headers(&mut headers, &parts.uri, &peer, request_id, upgrade);
         if let Some(s) = &session {
             self.set_identity(&mut headers, s);
         }
 
         // Forward.
         let upstream = &self.upstreams[route.upstream];
-        let body_is_empty = incoming.is_end_stream();
         let mut resp = upstream
             .send(
                 parts.method,
                 parts.uri.path_and_query().cloned(),
                 headers,
                 body::incoming(incoming),
-                body_is_empty,
             )
             .await
             .inspect_err(|e| {
@@ -258,7 +251,7 @@ impl Gateway {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let request_id = request_id.to_string();
+                let request_id = request_id_text(request_id).to_string();
                 tokio::spawn(async move {
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client, upstream)) => {
@@ -288,7 +281,7 @@ impl Gateway {
         h::strip_hop_by_hop(&mut parts.headers, false);
         self.session_headers(&mut parts.headers, presented, session.as_deref(), &context)
             .await?;
-        Ok(Response::from_parts(parts, body::incoming(upstream_body)))
+        Ok(Response::from_parts(parts, upstream_body))
     }
 
     /// Keeps `last_seen_at` current to within `session.touch_interval`
@@ -326,21 +319,26 @@ impl Gateway {
         &self,
         headers: &mut HeaderMap,
         uri: &http::Uri,
-        peer: SocketAddr,
-        request_id: &str,
+        peer: &Peer,
+        request_id: &HeaderValue,
         upgrade: bool,
     ) {
         let session = &self.config.session;
         h::strip_hop_by_hop(headers, upgrade);
-        // Whatever the client claims about identity or forwarding is dropped.
-        headers.remove(&session.user_header);
-        headers.remove(&session.session_header);
-        headers.remove(h::SG_LOGIN);
-        headers.remove(h::SG_ATTRIBUTES);
-        headers.remove(h::SG_LOGOUT);
-        // Other forwarding headers a client could forge.
-        headers.remove(h::FORWARDED);
-        headers.remove(h::X_REAL_IP);
+        // Whatever the client claims about identity or forwarding is
+        // dropped (x-forwarded-* and x-request-id are overwritten below).
+        h::remove_all(
+            headers,
+            &[
+                &session.user_header,
+                &session.session_header,
+                &h::SG_LOGIN,
+                &h::SG_ATTRIBUTES,
+                &h::SG_LOGOUT,
+                &h::FORWARDED,
+                &h::X_REAL_IP,
+            ],
+        );
         if !session.forward_token {
             h::remove_cookie(headers, &session.cookie_name);
             if h::bearer_token(headers).is_some_and(token::looks_like_token) {
@@ -358,13 +356,9 @@ impl Gateway {
         } else {
             headers.remove(X_FORWARDED_HOST);
         }
-        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
+        headers.insert(X_FORWARDED_FOR, peer.ip.clone());
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        if let Ok(v) = HeaderValue::from_str(request_id) {
-            headers.insert(X_REQUEST_ID, v);
-        }
+        headers.insert(X_REQUEST_ID, request_id.clone());
     }
 
     fn set_identity(&self, headers: &mut HeaderMap, session: &Session) {
@@ -372,7 +366,9 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&session.user_id) {
             headers.insert(config.user_header.clone(), v);
         }
-        if let Ok(v) = HeaderValue::from_str(&session.id.to_string()) {
+        let mut id = uuid::Uuid::encode_buffer();
+        let id = session.id.hyphenated().encode_lower(&mut id);
+        if let Ok(v) = HeaderValue::from_str(id) {
             headers.insert(config.session_header.clone(), v);
         }
     }
@@ -386,6 +382,12 @@ impl Gateway {
         session: Option<&Session>,
         context: &RequestContext,
     ) -> Result<(), ProxyError> {
+        // Most responses carry none: look at the names present once
+        // instead of hashing all three.
+        let ours = [h::SG_LOGIN, h::SG_ATTRIBUTES, h::SG_LOGOUT];
+        if !headers.keys().any(|k| ours.contains(k)) {
+            return Ok(());
+        }
         let login = headers.remove(h::SG_LOGIN);
         let attributes = headers.remove(h::SG_ATTRIBUTES);
         let logout = headers.remove(h::SG_LOGOUT);
@@ -557,14 +559,39 @@ fn parse_attributes(bytes: &[u8]) -> Result<BTreeMap<String, String>, ProxyError
     Ok(attributes)
 }
 
-/// The client's request id if it is a sane one, else a new UUID v7.
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+/// The client's request id if it is a sane one (shared, not copied),
+/// else a new UUID v7.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(X_REQUEST_ID) {
+        let bytes = v.as_bytes();
+        if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic) {
+            return v.clone();
+        }
+    }
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buffer);
+    HeaderValue::from_str(text).expect("a UUID is header-safe")
+}
+
+/// A request id as text: every id [`request_id`] returns is ASCII.
+fn request_id_text(id: &HeaderValue) -> &str {
+    id.to_str().unwrap_or("-")
+}
+
+/// The client end of a connection, with its `X-Forwarded-For` value made
+/// once per connection rather than once per request.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip =
+            HeaderValue::from_str(&addr.ip().to_string()).expect("an IP address is header-safe");
+        Peer { addr, ip }
+    }
 }
 
 fn accepts_html(headers: &HeaderMap) -> bool {
@@ -598,6 +625,11 @@ mod tests {
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
         assert_ne!(request_id(&h), "has space");
         assert_eq!(request_id(&HeaderMap::new()).len(), 36);
+        h.insert(
+            X_REQUEST_ID,
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
+        assert_eq!(request_id_text(&request_id(&h)).len(), 36);
     }
 
     #[test]

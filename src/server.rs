@@ -28,7 +28,7 @@ use crate::body::Body;
 use crate::config::{Config, redact_url};
 use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyChain};
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, Peer};
 use crate::store::layered::LayeredTier;
 use crate::store::memory::MemoryTier;
 use crate::store::postgres::{PoolSettings, PostgresTier};
@@ -248,7 +248,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             64,
             config.server.shutdown_grace,
             shutdown_rx.clone(),
-            move |req, _peer| admin.clone().handle(req),
+            move |req, _peer: &Peer| admin.clone().handle(req),
         )));
     }
 
@@ -258,7 +258,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         config.server.max_connections,
         config.server.shutdown_grace,
         shutdown_rx.clone(),
-        move |req, peer| proxy_gateway.clone().handle(req, peer),
+        move |req, peer: &Peer| proxy_gateway.clone().handle(req, peer.clone()),
     )));
 
     let (maintenance_tx, maintenance_rx) = watch::channel(false);
@@ -386,7 +386,7 @@ async fn serve<F, Fut>(
     mut shutdown: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, &Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(max_connections));
@@ -420,8 +420,9 @@ async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let client = Peer::new(peer);
         let service = service_fn(move |req| {
-            let fut = handler(req, peer);
+            let fut = handler(req, &client);
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let conn = builder

@@ -1,24 +1,39 @@
-//! Upstreams: pooled keep-alive HTTP/1.1 clients, round robin across an
-//! upstream's URLs, and skipping a URL that refuses connections.
+//! Upstreams: pooled keep-alive HTTP/1.1 connections, round robin across
+//! an upstream's URLs, and skipping a URL that refuses connections.
+//!
+//! The pool is our own, on hyper's connection-level client: an idle list
+//! per URL, taken last-in first-out (the warmest connection), and a
+//! connection goes back on it when its response body has been read to the
+//! end. A general-purpose client spawns a task per response to wait for
+//! the connection to become idle again and keys its pool by a hashed
+//! authority; this one does neither, which on a loopback origin is a
+//! measurable share of a request's cost (see BENCHMARKS.md).
 //!
 //! A URL whose connection fails is benched for [`BENCH_TIME`]; requests go
 //! to the others meanwhile (or to it anyway if every URL is benched, since
-//! a guess beats a certain 502). A request without a body whose connection
-//! fails is retried once per other URL; one with a body is not, because
-//! its body has already been handed to the failed attempt.
+//! a guess beats a certain 502). A request is handed to a connection only
+//! once that connection exists, so a request whose connection fails (body
+//! or not) is retried on the next URL; one that an idle connection closed
+//! under it before sending is retried on another connection.
 
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{HeaderMap, Method, Request, Response, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
-use crate::body::{self, Body};
+use crate::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::session::now_ms;
@@ -26,69 +41,168 @@ use crate::session::now_ms;
 /// How long a URL that refused a connection is skipped.
 pub const BENCH_TIME: Duration = Duration::from_secs(5);
 
+/// Idle connections kept per URL; more are closed when they come back.
+const MAX_IDLE_PER_URL: usize = 256;
+
+/// An idle connection older than this is closed rather than reused:
+/// origins drop idle keep-alive connections after a while, and a request
+/// sent on one that the origin is closing would have to be retried.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// TCP keep-alive probes on upstream connections, so a dead peer behind a
+/// silent network is noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+type Sender = http1::SendRequest<Body>;
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
 struct Target {
     base: Uri,
+    host: String,
+    port: u16,
+    /// `Host` for a request that came without one (HTTP/1.0).
+    authority: HeaderValue,
     benched_until: AtomicI64,
+    idle: Mutex<Vec<Idle>>,
+}
+
+impl Target {
+    /// The most recently used connection that can take a request now.
+    fn checkout(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(conn) = idle.pop() {
+            if conn.sender.is_ready() && conn.since.elapsed() < IDLE_TIMEOUT {
+                return Some(conn.sender);
+            }
+            // Closed, closing, or stale: dropping the sender lets the
+            // connection task finish.
+        }
+        None
+    }
+
+    fn checkin(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_PER_URL {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
 }
 
 pub struct Upstream {
     pub name: String,
-    targets: Vec<Target>,
+    targets: Vec<Arc<Target>>,
     next: AtomicUsize,
-    client: Client<HttpConnector, Body>,
+    connect_timeout: Duration,
     timeout: Duration,
+}
+
+/// Why a request could not be handed to a connection.
+enum ConnectError {
+    Io(std::io::Error),
+    TimedOut,
+    Handshake(hyper::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Io(e) => write!(f, "{e}"),
+            ConnectError::TimedOut => f.write_str("connect timed out"),
+            ConnectError::Handshake(e) => write!(f, "{}", error_chain(e)),
+        }
+    }
 }
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Arc<Upstream> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         Arc::new(Upstream {
             name: config.name.clone(),
             targets: config
                 .urls
                 .iter()
-                .map(|base| Target {
-                    base: base.clone(),
-                    benched_until: AtomicI64::new(0),
+                .map(|base| {
+                    let host = base.host().unwrap_or("127.0.0.1");
+                    let port = base.port_u16().unwrap_or(80);
+                    let authority = base
+                        .authority()
+                        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                        .unwrap_or_else(|| HeaderValue::from_static("localhost"));
+                    Arc::new(Target {
+                        base: base.clone(),
+                        // `[::1]` is how a URL writes an IPv6 host; a
+                        // socket address wants it bare.
+                        host: host
+                            .trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .to_string(),
+                        port,
+                        authority,
+                        benched_until: AtomicI64::new(0),
+                        idle: Mutex::new(Vec::new()),
+                    })
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            client,
+            connect_timeout: config.connect_timeout,
             timeout: config.timeout,
         })
     }
 
-    /// Target indices in the order to try them for one request.
-    fn order(&self) -> impl Iterator<Item = usize> + '_ {
+    /// Target indices in the order to try them for one request: healthy
+    /// ones round robin, then benched ones.
+    fn order(&self) -> ([usize; 8], usize, Vec<usize>) {
         let n = self.targets.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let now = now_ms();
-        let healthy = (0..n)
-            .map(move |i| (start + i) % n)
-            .filter(move |&i| self.targets[i].benched_until.load(Ordering::Relaxed) <= now);
-        let benched = (0..n)
-            .map(move |i| (start + i) % n)
-            .filter(move |&i| self.targets[i].benched_until.load(Ordering::Relaxed) > now);
-        healthy.chain(benched)
+        let healthy = |i: &usize| self.targets[*i].benched_until.load(Ordering::Relaxed) <= now;
+        let rotated = (0..n).map(move |i| (start + i) % n);
+        let ordered = rotated
+            .clone()
+            .filter(healthy)
+            .chain(rotated.filter(|i| !healthy(i)));
+        // Most upstreams have a URL or two: no allocation for those.
+        let mut small = [0usize; 8];
+        if n <= small.len() {
+            for (slot, i) in small.iter_mut().zip(ordered) {
+                *slot = i;
+            }
+            (small, n, Vec::new())
+        } else {
+            (small, 0, ordered.collect())
+        }
     }
 
-    fn uri_for(&self, target: usize, path: Option<&PathAndQuery>) -> Uri {
-        let base = &self.targets[target].base;
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = base.scheme().cloned();
-        parts.authority = base.authority().cloned();
-        parts.path_and_query = Some(
-            path.cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        Uri::from_parts(parts).unwrap_or_else(|_| base.clone())
+    async fn connect(&self, target: &Target) -> Result<Sender, ConnectError> {
+        let connecting = TcpStream::connect((target.host.as_str(), target.port));
+        let stream = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| ConnectError::TimedOut)?
+            .map_err(ConnectError::Io)?;
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            // Upgrades: a WebSocket handshake hands the socket over.
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(upstream = %name, error = %error_chain(&e), "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     /// Sends a request whose headers are already rewritten for upstream.
@@ -98,44 +212,147 @@ impl Upstream {
         path: Option<PathAndQuery>,
         headers: HeaderMap,
         body: Body,
-        body_is_empty: bool,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let order: Vec<usize> = self.order().collect();
-        let attempts = if body_is_empty { order.len() } else { 1 };
-        let mut body = Some(body);
-        let mut headers = Some(headers);
-        for (attempt, &target) in order.iter().take(attempts).enumerate() {
-            let mut req = Request::new(body.take().unwrap_or_else(body::empty));
-            *req.method_mut() = method.clone();
-            *req.uri_mut() = self.uri_for(target, path.as_ref());
-            *req.version_mut() = Version::HTTP_11;
-            // Only a retry needs a copy of the headers.
-            *req.headers_mut() = if attempt + 1 == attempts {
-                headers.take().unwrap_or_default()
-            } else {
-                headers.clone().unwrap_or_default()
-            };
-            match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-                Err(_) => return Err(ProxyError::UpstreamTimeout),
-                Ok(Ok(resp)) => return Ok(resp),
-                Ok(Err(e)) if e.is_connect() => {
-                    self.targets[target]
+    ) -> Result<Response<Body>, ProxyError> {
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        match tokio::time::timeout(self.timeout, self.send_in_order(req)).await {
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+            Ok(result) => result,
+        }
+    }
+
+    async fn send_in_order(&self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+        let (small, n, large) = self.order();
+        let order = if large.is_empty() {
+            &small[..n]
+        } else {
+            &large[..]
+        };
+        for &index in order {
+            let target = &self.targets[index];
+            if !req.headers().contains_key(header::HOST) {
+                req.headers_mut()
+                    .insert(header::HOST, target.authority.clone());
+            }
+            // Pooled connections first. One the origin closed after we
+            // checked it gives the request back unsent: try the next.
+            while let Some(mut sender) = target.checkout() {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(pooled_response(resp, target, sender)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => return Err(self.failed(e.into_error())),
+                    },
+                }
+            }
+            let mut sender = match self.connect(target).await {
+                Ok(sender) => sender,
+                Err(e) => {
+                    target
                         .benched_until
                         .store(now_ms() + BENCH_TIME.as_millis() as i64, Ordering::Relaxed);
                     tracing::warn!(
                         upstream = %self.name,
-                        url = %self.targets[target].base,
-                        error = %error_chain(&e),
+                        url = %target.base,
+                        error = %e,
                         "upstream connection failed"
                     );
+                    continue;
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(upstream = %self.name, error = %error_chain(&e), "upstream request failed");
-                    return Err(ProxyError::UpstreamUnreachable);
-                }
-            }
+            };
+            return match sender.try_send_request(req).await {
+                Ok(resp) => Ok(pooled_response(resp, target, sender)),
+                Err(e) => Err(self.failed(e.into_error())),
+            };
         }
         Err(ProxyError::UpstreamUnreachable)
+    }
+
+    fn failed(&self, e: hyper::Error) -> ProxyError {
+        tracing::warn!(upstream = %self.name, error = %error_chain(&e), "upstream request failed");
+        ProxyError::UpstreamUnreachable
+    }
+}
+
+/// The response, with a body that puts its connection back in the pool
+/// once it has been read to the end. An upgraded connection belongs to
+/// the upgrade, never to the pool.
+fn pooled_response(
+    resp: Response<Incoming>,
+    target: &Arc<Target>,
+    sender: Sender,
+) -> Response<Body> {
+    let upgraded = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    resp.map(|inner| {
+        PooledBody {
+            inner,
+            home: (!upgraded).then(|| (target.clone(), sender)),
+        }
+        .boxed()
+    })
+}
+
+struct PooledBody {
+    inner: Incoming,
+    home: Option<(Arc<Target>, Sender)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((target, sender)) = self.home.take() {
+            target.checkin(sender);
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                this.release();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.inner.is_end_stream() {
+                    this.release();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // The connection is in an unknown state: never reuse it.
+                this.home = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A body dropped half-read leaves its connection mid-response;
+        // dropping the sender closes it instead.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
     }
 }
 
