@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -88,6 +89,7 @@ pub struct Metrics {
     pub policy_calls: Family<PolicyCallLabels, Counter>,
     pub policy_failures: Family<PolicyFailureLabels, Counter>,
     pub policy_reloads: Family<ResultLabels, Counter>,
+    pub local_cache: LocalCacheMetrics,
 }
 
 impl Default for Metrics {
@@ -185,6 +187,8 @@ impl Metrics {
             "Expired sessions deleted from the durable tier",
             sessions_swept.clone(),
         );
+        let local_cache = LocalCacheMetrics::default();
+        local_cache.register(&mut registry);
         Metrics {
             registry,
             requests,
@@ -201,6 +205,7 @@ impl Metrics {
             policy_calls,
             policy_failures,
             policy_reloads,
+            local_cache,
         }
     }
 
@@ -237,6 +242,53 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The in-process cache in front of Redis (`store.local_cache_ttl_ms`)
+/// and the pub/sub invalidations that keep it current.
+#[derive(Clone, Debug, Default)]
+pub struct LocalCacheMetrics {
+    pub invalidations_published: Counter,
+    pub publish_failures: Counter,
+    pub invalidations_received: Counter,
+    pub malformed_messages: Counter,
+    pub clears: Counter,
+    pub subscribed: Gauge,
+}
+
+impl LocalCacheMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "local_cache_invalidations_published",
+            "Session hashes announced on the invalidation channel for every instance to drop",
+            self.invalidations_published.clone(),
+        );
+        registry.register(
+            "local_cache_invalidation_publish_failures",
+            "Invalidation messages that could not be published (other instances then drop those copies within store.local_cache_ttl_ms)",
+            self.publish_failures.clone(),
+        );
+        registry.register(
+            "local_cache_invalidations_received",
+            "Session hashes received on the invalidation channel (this instance's own included)",
+            self.invalidations_received.clone(),
+        );
+        registry.register(
+            "local_cache_invalidation_malformed",
+            "Invalidation messages that could not be read (each drops the whole local cache)",
+            self.malformed_messages.clone(),
+        );
+        registry.register(
+            "local_cache_clears",
+            "Drops of the whole local cache: on every (re)subscription and unreadable message",
+            self.clears.clone(),
+        );
+        registry.register(
+            "local_cache_subscribed",
+            "1 while the invalidation channel is subscribed; while 0, another instance's revocation is seen within store.local_cache_ttl_ms",
+            self.subscribed.clone(),
+        );
     }
 }
 

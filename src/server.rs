@@ -86,7 +86,7 @@ pub async fn open_durable(config: &Config) -> Result<Arc<dyn DurableTier>, Start
 
 /// Opens the fast tier named by the config: Redis (optionally behind an
 /// in-process cache) or the in-process tier.
-pub fn open_fast(config: &Config) -> Result<Arc<dyn FastTier>, StartError> {
+pub fn open_fast(config: &Config, metrics: &Metrics) -> Result<Arc<dyn FastTier>, StartError> {
     let store = &config.store;
     let Some(url) = &store.redis_url else {
         return Ok(Arc::new(MemoryTier::new(store.memory_capacity)));
@@ -98,14 +98,16 @@ pub fn open_fast(config: &Config) -> Result<Arc<dyn FastTier>, StartError> {
             reason: e.to_string(),
         }
     })?;
-    let redis: Arc<dyn FastTier> = Arc::new(redis);
+    let redis = Arc::new(redis);
     if store.local_cache_ttl.is_zero() {
         Ok(redis)
     } else {
-        Ok(Arc::new(LayeredTier::new(
+        Ok(Arc::new(LayeredTier::with_invalidations(
+            redis.clone(),
             redis,
             store.local_cache_ttl,
             store.memory_capacity,
+            metrics.local_cache.clone(),
         )))
     }
 }
@@ -139,7 +141,7 @@ pub async fn open_store(
             .await
             .map_err(|e| store_error("durable", config, e))?;
     }
-    let fast = open_fast(config)?;
+    let fast = open_fast(config, &metrics)?;
     let options = StoreOptions {
         negative_cache_capacity: config.store.negative_cache_capacity,
         negative_cache_ttl: config.store.negative_cache_ttl,

@@ -11,13 +11,22 @@
 //! on the request path touches exactly one key; the connection manager
 //! multiplexes all requests over one connection (pipelining them) and
 //! reconnects by itself.
+//!
+//! It is also the [`InvalidationBus`] of the in-process cache in front of
+//! it ([`super::layered`]): messages are published on the channel
+//! `<prefix>invalidate` over the same connection, and each subscriber
+//! holds one dedicated pub/sub connection, pinged every
+//! [`SUBSCRIPTION_PING`] so that a connection that died silently (a
+//! partition) is noticed and replaced.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 
+use super::layered::{InvalidationBus, InvalidationFeed};
 use super::{Cached, FastTier, StoreError, StoreResult, codec};
 use crate::config::redact_url;
 use crate::session::{Session, now_ms};
@@ -26,6 +35,8 @@ use crate::token::TokenHash;
 const TIER: &str = "redis";
 /// The value of a revoked session's key; session records start with 1.
 const TOMBSTONE: &[u8] = &[0];
+/// How often a subscription's connection is checked.
+pub const SUBSCRIPTION_PING: Duration = Duration::from_secs(1);
 
 /// Overwrites a key only while it holds a live session record.
 const REFRESH_SCRIPT: &str = r"
@@ -38,10 +49,13 @@ return 0
 ";
 
 pub struct RedisTier {
+    client: redis::Client,
     conn: ConnectionManager,
     refresh: redis::Script,
     prefix: String,
+    channel: String,
     address: String,
+    timeout: Duration,
 }
 
 fn unavailable(address: &str, e: redis::RedisError) -> StoreError {
@@ -67,14 +81,22 @@ impl RedisTier {
             // a request never waits on a long backoff here.
             .set_number_of_retries(1)
             .set_max_delay(timeout);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| unavailable(&address, e))?;
         Ok(RedisTier {
+            client,
             conn,
             refresh: redis::Script::new(REFRESH_SCRIPT),
             prefix: prefix.to_string(),
+            channel: format!("{prefix}invalidate"),
             address,
+            timeout,
         })
+    }
+
+    /// The pub/sub channel of local-cache invalidations.
+    pub fn invalidation_channel(&self) -> &str {
+        &self.channel
     }
 
     fn key(&self, hash: &TokenHash) -> String {
@@ -231,5 +253,87 @@ impl FastTier for RedisTier {
             .lines()
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(|s| s.trim().to_string()))
+    }
+}
+
+#[async_trait]
+impl InvalidationBus for RedisTier {
+    async fn publish(&self, payload: Vec<u8>) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))?;
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> StoreResult<Box<dyn InvalidationFeed>> {
+        let subscribe = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        // The client's own connect has no deadline of ours.
+        let pubsub = tokio::time::timeout(self.timeout, subscribe)
+            .await
+            .map_err(|_| lost(&self.address, "subscribing timed out"))?
+            .map_err(|e| unavailable(&self.address, e))?;
+        let (sink, stream) = pubsub.split();
+        let mut ping = tokio::time::interval_at(
+            tokio::time::Instant::now() + SUBSCRIPTION_PING,
+            SUBSCRIPTION_PING,
+        );
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Box::new(RedisFeed {
+            sink,
+            stream,
+            ping,
+            timeout: self.timeout,
+            address: self.address.clone(),
+        }))
+    }
+}
+
+fn lost(address: &str, why: &str) -> StoreError {
+    StoreError::Unavailable {
+        tier: TIER,
+        message: format!("{address}: {why}"),
+    }
+}
+
+/// One subscription on its own connection; dropping it closes the
+/// connection.
+struct RedisFeed {
+    sink: PubSubSink,
+    stream: PubSubStream,
+    ping: tokio::time::Interval,
+    timeout: Duration,
+    address: String,
+}
+
+#[async_trait]
+impl InvalidationFeed for RedisFeed {
+    async fn next(&mut self) -> StoreResult<Vec<u8>> {
+        loop {
+            tokio::select! {
+                message = self.stream.next() => {
+                    return match message {
+                        Some(message) => Ok(message.get_payload_bytes().to_vec()),
+                        None => Err(lost(&self.address, "the subscription's connection closed")),
+                    };
+                }
+                _ = self.ping.tick() => {
+                    // A connection cut without a reset delivers nothing and
+                    // reports nothing: only an unanswered ping tells.
+                    match tokio::time::timeout(self.timeout, self.sink.ping::<()>()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(unavailable(&self.address, e)),
+                        Err(_) => return Err(lost(&self.address, "the subscription's ping timed out")),
+                    }
+                }
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::StreamExt;
 use serde_json::Value;
 use sessiongate::config::Config;
 use sessiongate::metrics::Metrics;
@@ -970,6 +971,324 @@ async fn another_instance_sees_a_revocation_within_its_local_cache_lifetime() {
         a.status("/", &token).await,
         401,
         "A: within its cache lifetime"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    db.drop_db().await;
+}
+
+// ---------------------------------------------------------------------------
+// Revocations announced over Redis pub/sub to every local cache.
+// ---------------------------------------------------------------------------
+
+/// Config `[store]` keys: Redis at `url` under `prefix`, with a local cache.
+fn cached_store(url: &str, prefix: &str, ttl_ms: u64) -> String {
+    format!("redis_url = {url:?}\nredis_prefix = {prefix:?}\nlocal_cache_ttl_ms = {ttl_ms}")
+}
+
+/// A session made through the admin API: its token and id.
+async fn admin_create(gw: &Gw, user: &str) -> (String, String) {
+    let resp = gw
+        .client
+        .post(gw.admin_url("/v1/sessions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({ "user_id": user }))
+        .send()
+        .await
+        .expect("POST /v1/sessions");
+    assert_eq!(resp.status(), 201, "create a session");
+    let body: Value = resp.json().await.expect("JSON");
+    (
+        body["token"].as_str().expect("token").to_string(),
+        body["id"].as_str().expect("id").to_string(),
+    )
+}
+
+async fn admin_delete(gw: &Gw, path: &str) -> reqwest::Response {
+    gw.client
+        .delete(gw.admin_url(path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("admin DELETE")
+}
+
+/// Waits (up to 10 s) until the gateway's invalidation subscription is up
+/// (or down).
+async fn wait_subscribed(gw: &Gw, up: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = gw.metrics().await;
+        let subscribed = counter(&metrics, "sessiongate_local_cache_subscribed ") == 1.0;
+        if subscribed == up {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "local_cache_subscribed never became {up}:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long until `gw` turns `token` away, asking every 20 ms; fails if it
+/// still serves it after `within`.
+async fn time_to_401(gw: &Gw, token: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let status = gw.status("/", token).await;
+        if status == 401 {
+            return start.elapsed();
+        }
+        assert_eq!(status, 200, "only served or turned away");
+        assert!(
+            start.elapsed() < within,
+            "still served {:?} after the revocation",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn token_hash(token: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(URL_SAFE_NO_PAD.decode(token).unwrap()).to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_another_instances_local_cache_at_once() {
+    let db = PgDb::create().await;
+    let prefix = prefix();
+    let upstream = TestUpstream::start().await;
+    let store = cached_store(SHARED_REDIS, &prefix, 60_000);
+    let a = Gw::start(config(&upstream, &db.url(), &store, "")).await;
+    let b = Gw::start(config(&upstream, &db.url(), &store, "")).await;
+    wait_subscribed(&a, true).await;
+    wait_subscribed(&b, true).await;
+
+    // What goes over the channel: the hashes, never the tokens.
+    let mut listener = redis::Client::open(SHARED_REDIS)
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    listener
+        .subscribe(format!("{prefix}invalidate"))
+        .await
+        .unwrap();
+
+    // Control: a tombstone written behind the gateways' backs (a
+    // revocation whose announcement was lost) leaves B serving its copy —
+    // B's answers below come from its local cache.
+    let (control, _) = admin_create(&a, "erin").await;
+    assert_eq!(b.status("/", &control).await, 200);
+    let mut conn = redis::Client::open(SHARED_REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("SET")
+        .arg(format!("{prefix}s:{}", harness::hex(&token_hash(&control))))
+        .arg(&[0u8][..])
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(b.status("/", &control).await, 200, "served from B's cache");
+
+    // One session by id.
+    let (token, id) = admin_create(&a, "carol").await;
+    assert_eq!(b.status("/", &token).await, 200, "B caches the session");
+    assert_eq!(b.status("/", &token).await, 200);
+    let resp = admin_delete(&a, &format!("/v1/sessions/{id}")).await;
+    assert_eq!(resp.status(), 204, "revoked through A");
+    let took = time_to_401(&b, &token, Duration::from_secs(1)).await;
+    eprintln!("B turned the revoked session away after {took:?}");
+
+    let message = tokio::time::timeout(Duration::from_secs(2), listener.on_message().next())
+        .await
+        .expect("an invalidation message")
+        .expect("the subscription is open");
+    let payload = message.get_payload_bytes().to_vec();
+    let mut expected = vec![1u8];
+    expected.extend(token_hash(&token));
+    assert_eq!(payload, expected, "version 1, then the token hash");
+    assert!(!contains(&payload, token.as_bytes()));
+
+    // Every session of a user.
+    let (d1, _) = admin_create(&a, "dave").await;
+    let (d2, _) = admin_create(&a, "dave").await;
+    assert_eq!(b.status("/", &d1).await, 200);
+    assert_eq!(b.status("/", &d2).await, 200);
+    let resp = admin_delete(&a, "/v1/users/dave/sessions").await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["revoked"], 2);
+    time_to_401(&b, &d1, Duration::from_secs(1)).await;
+    time_to_401(&b, &d2, Duration::from_secs(1)).await;
+
+    // And a logout on B reaches A's cache.
+    let (f, _) = admin_create(&b, "frank").await;
+    assert_eq!(a.status("/", &f).await, 200, "A caches the session");
+    assert_eq!(b.logout(&f).await, 200);
+    time_to_401(&a, &f, Duration::from_secs(1)).await;
+
+    let (ma, mb) = (a.metrics().await, b.metrics().await);
+    assert_eq!(
+        counter(
+            &ma,
+            "sessiongate_local_cache_invalidations_published_total "
+        ),
+        3.0,
+        "{ma}"
+    );
+    assert!(
+        counter(&mb, "sessiongate_local_cache_invalidations_received_total ") >= 4.0,
+        "{mb}"
+    );
+    assert_eq!(
+        counter(
+            &ma,
+            "sessiongate_local_cache_invalidation_publish_failures_total "
+        ),
+        0.0
+    );
+    assert_eq!(
+        counter(&mb, "sessiongate_local_cache_invalidation_malformed_total "),
+        0.0
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    db.drop_db().await;
+}
+
+/// Turns subscriptions to the private Redis away (`ACL`), or back on; when
+/// turning them away, also closes the ones open. The gateways' ordinary
+/// connection keeps working, so their Redis stays trusted and requests
+/// keep being served from the local cache: what the tests are about.
+async fn allow_subscriptions(redis: &RedisServer, allow: bool) {
+    let mut conn = redis.connection().await.unwrap();
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg(if allow { "+subscribe" } else { "-subscribe" })
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    if !allow {
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_revoked_while_unsubscribed_is_dropped_on_resubscribing() {
+    let redis = RedisServer::start(false).await;
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let store = cached_store(&redis.url(), "sg:", 60_000);
+    let a = Gw::start(config(&upstream, &db.url(), &store, "")).await;
+    let b = Gw::start(config(&upstream, &db.url(), &store, "")).await;
+    wait_subscribed(&a, true).await;
+    wait_subscribed(&b, true).await;
+
+    let (token, id) = admin_create(&a, "carol").await;
+    assert_eq!(b.status("/", &token).await, 200, "B caches the session");
+
+    allow_subscriptions(&redis, false).await;
+    wait_subscribed(&b, false).await;
+    let clears = counter(&b.metrics().await, "sessiongate_local_cache_clears_total ");
+    let resp = admin_delete(&a, &format!("/v1/sessions/{id}")).await;
+    assert_eq!(resp.status(), 204);
+    // The announcement is lost to B: its copy is served (for up to the
+    // cache lifetime, 60 s here).
+    for _ in 0..5 {
+        assert_eq!(b.status("/", &token).await, 200, "the gap");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.status("/", &token).await, 401);
+
+    allow_subscriptions(&redis, true).await;
+    wait_subscribed(&b, true).await;
+    assert_eq!(
+        b.status("/", &token).await,
+        401,
+        "resubscribing dropped the whole local cache"
+    );
+    let metrics = b.metrics().await;
+    assert_eq!(
+        counter(&metrics, "sessiongate_local_cache_clears_total "),
+        clears + 1.0,
+        "{metrics}"
+    );
+
+    // And revocations are immediate again.
+    wait_subscribed(&a, true).await;
+    let (again, id) = admin_create(&a, "carol").await;
+    assert_eq!(b.status("/", &again).await, 200);
+    assert_eq!(
+        admin_delete(&a, &format!("/v1/sessions/{id}"))
+            .await
+            .status(),
+        204
+    );
+    time_to_401(&b, &again, Duration::from_secs(1)).await;
+
+    a.shutdown().await;
+    b.shutdown().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_unsubscribed_staleness_is_bounded_by_the_local_cache_lifetime() {
+    let redis = RedisServer::start(false).await;
+    allow_subscriptions(&redis, false).await;
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let store = cached_store(&redis.url(), "sg:", 500);
+    let a = Gw::start(config(&upstream, &db.url(), &store, "")).await;
+    let b = Gw::start(config(&upstream, &db.url(), &store, "")).await;
+
+    for _ in 0..3 {
+        let (token, id) = admin_create(&a, "carol").await;
+        assert_eq!(b.status("/", &token).await, 200, "B caches the session");
+        assert_eq!(
+            admin_delete(&a, &format!("/v1/sessions/{id}"))
+                .await
+                .status(),
+            204
+        );
+        // The entry was cached before the revocation, so it is gone at
+        // most 500 ms after it (plus slack for a loaded machine).
+        let took = time_to_401(&b, &token, Duration::from_millis(500 + 500)).await;
+        eprintln!("unsubscribed: B turned the revoked session away after {took:?}");
+    }
+    let metrics = b.metrics().await;
+    assert_eq!(
+        counter(&metrics, "sessiongate_local_cache_subscribed "),
+        0.0,
+        "never subscribed: {metrics}"
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "sessiongate_local_cache_invalidations_received_total "
+        ),
+        0.0
+    );
+    assert_eq!(
+        counter(
+            &a.metrics().await,
+            "sessiongate_local_cache_invalidations_published_total "
+        ),
+        3.0,
+        "published even with nobody listening"
     );
     a.shutdown().await;
     b.shutdown().await;

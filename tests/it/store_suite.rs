@@ -386,11 +386,18 @@ async fn redis_fast() -> FastPart {
     }
 }
 
-/// Redis behind the in-process local cache (`store.local_cache_ttl_ms`).
+/// Redis behind the in-process local cache (`store.local_cache_ttl_ms`),
+/// its invalidations over Redis pub/sub.
 async fn layered_redis_fast() -> FastPart {
     let (tier, at_rest, cleanup) = redis_tier().await;
     FastPart {
-        tier: Arc::new(LayeredTier::new(tier, Duration::from_secs(5), 10_000)),
+        tier: Arc::new(LayeredTier::with_invalidations(
+            tier.clone(),
+            tier,
+            Duration::from_secs(5),
+            10_000,
+            Default::default(),
+        )),
         at_rest: Some(at_rest),
         keep: vec![cleanup],
     }
