@@ -1,5 +1,7 @@
 //! The hot path, piece by piece: token verification, each store path of a
-//! session lookup, one policy hook call, and the whole authentication step.
+//! session lookup, one policy hook call, the whole authentication step,
+//! the header rewriting, and a whole request through the gateway's
+//! service in-process (to an upstream on loopback).
 //!
 //! Run with `cargo bench --bench hot_path` (Redis and PostgreSQL from
 //! `scripts/services.sh` for the shared-store cases, plugins from
@@ -187,5 +189,170 @@ fn policies(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, tokens, lookups, policies);
+/// Headers a browser sends to an app behind the gateway.
+fn browser_headers(token: &str) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (k, v) in [
+        ("host", "app.example"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0",
+        ),
+        (
+            "accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        ),
+        ("accept-language", "en-GB,en;q=0.5"),
+        ("accept-encoding", "gzip, deflate, br, zstd"),
+        ("connection", "keep-alive"),
+        ("upgrade-insecure-requests", "1"),
+    ] {
+        h.insert(k, http::HeaderValue::from_static(v));
+    }
+    h.insert(
+        http::header::COOKIE,
+        http::HeaderValue::from_str(&format!("theme=dark; sg_session={token}; lang=en")).unwrap(),
+    );
+    h
+}
+
+/// An origin answering `ok` on a loopback port, served by `rt`.
+fn origin(rt: &tokio::runtime::Runtime) -> std::net::SocketAddr {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(http1::Builder::new().serve_connection(
+                TokioIo::new(stream),
+                service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                }),
+            ));
+        }
+    });
+    addr
+}
+
+fn gateway(c: &mut Criterion) {
+    use http_body_util::{BodyExt, Empty};
+    use sessiongate::config::Config;
+    use sessiongate::policy::Policies;
+    use sessiongate::proxy::{Gateway, Peer};
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if !root.join("plugins/activity-refresh.wasm").exists() {
+        eprintln!("plugins missing: run scripts/build-plugins.sh");
+        return;
+    }
+    // Current-thread, as `server.worker_threads = 1` runs the gateway.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let upstream = origin(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    // gateway.toml's policy chain, as bundled.
+    let reference = std::fs::read_to_string(root.join("gateway.toml")).unwrap();
+    let policies = reference
+        .split("\n[[")
+        .filter(|section| section.starts_with("policies]]"))
+        .map(|section| format!("\n[[{section}"))
+        .collect::<String>()
+        .replace(
+            "plugin = \"plugins/",
+            &format!("plugin = \"{}/plugins/", root.display()),
+        );
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+database_url = "sqlite://{}/gateway.db"
+[session]
+cookie_secure = false
+[[upstreams]]
+name = "origin"
+urls = ["http://{upstream}"]
+[[routes]]
+prefix = "/"
+upstream = "origin"
+auth = "required"
+{policies}"#,
+        dir.path().display()
+    );
+    let config = Arc::new(Config::from_toml_str(&text).unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let store = rt.block_on(async {
+        let sqlite = SqliteTier::connect(&config.store.database_url, 2)
+            .await
+            .unwrap();
+        sqlite.migrate().await.unwrap();
+        SessionStore::new(
+            Arc::new(MemoryTier::new(100_000)),
+            Arc::new(sqlite),
+            metrics.clone(),
+        )
+    });
+    let chain = PolicyChain::load(&config.policies, metrics.clone()).unwrap();
+    let policies = Arc::new(Policies::new(
+        chain,
+        config.policies.clone(),
+        None,
+        metrics.clone(),
+    ));
+    let gateway = Arc::new(Gateway::new(
+        config,
+        store,
+        TokenKey::new(b"0123456789abcdef0123456789abcdef"),
+        metrics,
+        policies,
+    ));
+    let (token, _) = rt
+        .block_on(gateway.create_session("alice@example.com".into(), BTreeMap::new(), None))
+        .unwrap();
+    let peer = Peer::new("192.0.2.7:50123".parse().unwrap());
+    let headers = browser_headers(&token);
+
+    c.bench_function("headers/rewrite_request", |b| {
+        let uri: http::Uri = "/app/dashboard?tab=1".parse().unwrap();
+        let id = http::HeaderValue::from_static("0190f5a6-7c1e-7a2b-9c3d-4e5f6a7b8c9d");
+        b.iter_batched(
+            || headers.clone(),
+            |mut h| {
+                gateway.rewrite_request_headers(&mut h, &uri, &peer, &id, false);
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+
+    c.bench_function(
+        "request/in_process_through_gateway_to_loopback_origin",
+        |b| {
+            b.to_async(&rt).iter(|| async {
+                let mut req = http::Request::new(Empty::<bytes::Bytes>::new());
+                *req.uri_mut() = "/app/dashboard".parse().unwrap();
+                *req.headers_mut() = headers.clone();
+                let resp = gateway.clone().handle(req, peer.clone()).await;
+                assert_eq!(resp.status(), 200);
+                // Reading the body to its end returns the upstream connection
+                // to the pool, as hyper's server does.
+                resp.into_body().collect().await.unwrap().to_bytes()
+            })
+        },
+    );
+}
+
+criterion_group!(benches, tokens, lookups, policies, gateway);
 criterion_main!(benches);

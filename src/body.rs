@@ -23,5 +23,14 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// Wraps a body hyper received so it streams through unchanged.
 pub fn incoming(body: hyper::body::Incoming) -> Body {
-    body.map_err(BoxError::from).boxed()
+    boxed(body)
+}
+
+/// Wraps any body of bytes so it streams through unchanged.
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
 }

@@ -24,7 +24,6 @@ use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body};
@@ -114,7 +113,14 @@ impl Gateway {
 
     /// Handles one request from a client at `peer`. Never fails: every
     /// error becomes its response here.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    ///
+    /// Generic over the request body so that the whole path can also be
+    /// driven in-process (benches), not only by hyper's server.
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>, peer: Peer) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<body::BoxError>,
+    {
         let started = Instant::now();
         let request_id = request_id(req.headers());
         let method = req.method().clone();
@@ -164,13 +170,17 @@ impl Gateway {
         resp
     }
 
-    async fn proxy(
+    async fn proxy<B>(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         peer: Peer,
         request_id: &HeaderValue,
         outcome: &mut Outcome,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<body::BoxError>,
+    {
         let route = self.route(req.uri().path()).ok_or(ProxyError::NoRoute)?;
         outcome.route = route.label;
 
@@ -238,7 +248,7 @@ impl Gateway {
                 parts.method,
                 parts.uri.path_and_query().cloned(),
                 headers,
-                body::incoming(incoming),
+                body::boxed(incoming),
             )
             .await
             .inspect_err(|e| {
@@ -315,7 +325,9 @@ impl Gateway {
         }
     }
 
-    fn rewrite_request_headers(
+    /// Rewrites a client's request headers for the upstream (phase 3, but
+    /// for the identity headers): public for the benches.
+    pub fn rewrite_request_headers(
         &self,
         headers: &mut HeaderMap,
         uri: &http::Uri,
@@ -361,7 +373,8 @@ impl Gateway {
         headers.insert(X_REQUEST_ID, request_id.clone());
     }
 
-    fn set_identity(&self, headers: &mut HeaderMap, session: &Session) {
+    /// Sets the identity headers of `session` (public for the benches).
+    pub fn set_identity(&self, headers: &mut HeaderMap, session: &Session) {
         let config = &self.config.session;
         if let Ok(v) = HeaderValue::from_str(&session.user_id) {
             headers.insert(config.user_header.clone(), v);
