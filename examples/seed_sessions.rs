@@ -71,7 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (token, user) = result?;
             writeln!(file, "{token}\t{user}")?;
             done += 1;
-            if done % 100_000 == 0 {
+            if done.is_multiple_of(100_000) {
                 eprintln!("seed_sessions: {done} of {count}");
             }
         }

@@ -325,8 +325,11 @@ impl Gateway {
         }
     }
 
-    /// Rewrites a client's request headers for the upstream (phase 3, but
-    /// for the identity headers): public for the benches.
+    /// Rewrites a client's request headers for the upstream: hop-by-hop
+    /// headers and whatever the client claims about identity or
+    /// forwarding go, the forwarding headers and the request id are set
+    /// (the identity headers are [`Gateway::set_identity`]'s). Public for
+    /// the benches.
     pub fn rewrite_request_headers(
         &self,
         headers: &mut HeaderMap,

@@ -2,6 +2,8 @@
 //! begin/end through upstream headers, header hygiene, streaming,
 //! WebSockets, HTTP/2, round robin, restarts and shutdown.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -1201,6 +1203,83 @@ async fn dead_urls_are_skipped() {
             assert_eq!(resp.headers()["x-upstream-name"], "live");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_body_is_retried_on_the_next_url_when_a_connect_fails() {
+    // The request is handed to a connection only once one exists, so its
+    // body is still whole when the first URL refuses.
+    let live = TestUpstream::named("live").await;
+    let dead = closed_url();
+    let spec = GatewaySpec::new()
+        .upstream("pool", &[&dead, &live.url()])
+        .route("/", "pool", "none");
+    let gw = GatewayUnderTest::start(spec).await;
+    let body = vec![b'x'; 100_000];
+    for i in 0..4 {
+        let resp = client()
+            .post(gw.url(&format!("/r{i}/upload")))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "upload {i}");
+        assert_eq!(resp.headers()["x-upstream-name"], "live");
+        let echo: Value = resp.json().await.unwrap();
+        assert_eq!(echo["len"], 100_000, "upload {i} arrived whole");
+    }
+    assert_eq!(live.uploaded(), 400_000);
+}
+
+/// An origin that answers every request `200 ok` with keep-alive, then
+/// closes the connection 20 ms later, as an origin's idle timeout does.
+async fn origin_closing_idle_connections() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_the_origin_closed_while_idle_are_not_reused() {
+    let (addr, accepted) = origin_closing_idle_connections().await;
+    let spec = GatewaySpec::new()
+        .upstream("app", &[&format!("http://{addr}")])
+        .route("/", "app", "none");
+    let gw = GatewayUnderTest::start(spec).await;
+    for i in 0..8 {
+        let resp = gw.get(&format!("/idle/{i}"), None).await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.text().await.unwrap(), "ok");
+        // Past the origin's idle close: the pooled connection is dead.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        8,
+        "one fresh connection per request"
+    );
 }
 
 // ---------------------------------------------------------------------------
