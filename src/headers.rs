@@ -87,12 +87,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// present: most messages carry none of them, and comparing names is
 /// cheaper than hashing each one for a lookup.
 pub fn remove_all(headers: &mut HeaderMap, names: &[&HeaderName]) {
-    if !headers.keys().any(|k| names.contains(&k)) {
+    if !contains_any(headers, names) {
         return;
     }
     for name in names {
         headers.remove(*name);
     }
+}
+
+/// Whether any of `names` is present, by one pass over the names present.
+pub fn contains_any(headers: &HeaderMap, names: &[&HeaderName]) -> bool {
+    headers.keys().any(|k| names.contains(&k))
 }
 
 /// Whether a request asks to switch protocols (a WebSocket handshake).

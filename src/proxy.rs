@@ -400,8 +400,7 @@ impl Gateway {
     ) -> Result<(), ProxyError> {
         // Most responses carry none: look at the names present once
         // instead of hashing all three.
-        let ours = [h::SG_LOGIN, h::SG_ATTRIBUTES, h::SG_LOGOUT];
-        if !headers.keys().any(|k| ours.contains(k)) {
+        if !h::contains_any(headers, &[&h::SG_LOGIN, &h::SG_ATTRIBUTES, &h::SG_LOGOUT]) {
             return Ok(());
         }
         let login = headers.remove(h::SG_LOGIN);

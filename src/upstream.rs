@@ -159,27 +159,18 @@ impl Upstream {
     }
 
     /// Target indices in the order to try them for one request: healthy
-    /// ones round robin, then benched ones.
-    fn order(&self) -> ([usize; 8], usize, Vec<usize>) {
+    /// ones round robin, then benched ones. Lazy: nothing is allocated.
+    fn order(&self) -> impl Iterator<Item = usize> + Send + '_ {
         let n = self.targets.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let now = now_ms();
-        let healthy = |i: &usize| self.targets[*i].benched_until.load(Ordering::Relaxed) <= now;
+        let healthy =
+            move |i: &usize| self.targets[*i].benched_until.load(Ordering::Relaxed) <= now;
         let rotated = (0..n).map(move |i| (start + i) % n);
-        let ordered = rotated
+        rotated
             .clone()
             .filter(healthy)
-            .chain(rotated.filter(|i| !healthy(i)));
-        // Most upstreams have a URL or two: no allocation for those.
-        let mut small = [0usize; 8];
-        if n <= small.len() {
-            for (slot, i) in small.iter_mut().zip(ordered) {
-                *slot = i;
-            }
-            (small, n, Vec::new())
-        } else {
-            (small, 0, ordered.collect())
-        }
+            .chain(rotated.filter(move |i| !healthy(i)))
     }
 
     async fn connect(&self, target: &Target) -> Result<Sender, ConnectError> {
@@ -225,13 +216,7 @@ impl Upstream {
     }
 
     async fn send_in_order(&self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
-        let (small, n, large) = self.order();
-        let order = if large.is_empty() {
-            &small[..n]
-        } else {
-            &large[..]
-        };
-        for &index in order {
+        for index in self.order() {
             let target = &self.targets[index];
             if !req.headers().contains_key(header::HOST) {
                 req.headers_mut()

@@ -50,10 +50,8 @@ struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8).take(1) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(word);
+        if let Some(word) = bytes.first_chunk::<8>() {
+            self.0 ^= u64::from_le_bytes(*word);
         }
     }
 
@@ -104,12 +102,15 @@ impl MemoryTier {
 
     /// Inserts, making room first if the shard is full.
     fn insert(&self, key: &TokenHash, entry: Entry) {
-        let mut shard = self.shard(key);
-        if shard.len() >= self.per_shard && !shard.contains_key(key) {
-            make_room(&mut shard, self.per_shard);
-        }
-        shard.insert(*key, entry);
+        insert_bounded(&mut self.shard(key), key, entry, self.per_shard);
     }
+}
+
+fn insert_bounded(shard: &mut Shard, key: &TokenHash, entry: Entry, capacity: usize) {
+    if shard.len() >= capacity && !shard.contains_key(key) {
+        make_room(shard, capacity);
+    }
+    shard.insert(*key, entry);
 }
 
 fn make_room(shard: &mut Shard, capacity: usize) {
@@ -169,10 +170,7 @@ impl FastTier for MemoryTier {
         if shard.get(key).is_some_and(|e| e.until() > now) {
             return Ok(());
         }
-        if shard.len() >= self.per_shard && !shard.contains_key(key) {
-            make_room(&mut shard, self.per_shard);
-        }
-        shard.insert(*key, Entry::Live(session));
+        insert_bounded(&mut shard, key, Entry::Live(session), self.per_shard);
         Ok(())
     }
 
