@@ -57,6 +57,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH="$ROOT/bench"
+# shellcheck source=bench/sg_config.sh
+source "$BENCH/sg_config.sh"
 COMMAND_LINE="bench/load.sh $*"
 
 DURATION="${DURATION:-10}"
@@ -294,50 +296,8 @@ sg_config() {
     local name="$1" db="$2" redis="$3" cache_ms="$4" mode="${5:-}" file="$RUN/$1.toml"
     local auth=required
     if [[ "$mode" == passthrough ]]; then auth=none; fi
-    {
-        cat <<EOF
-# Written by bench/load.sh.
-[server]
-listen = "127.0.0.1:${PORT[$name]}"
-worker_threads = 1
-
-[admin]
-listen = "127.0.0.1:${ADMIN_PORT[$name]}"
-token = "$ADMIN_TOKEN"
-
-[store]
-database_url = "$db"
-EOF
-        if [[ -n "$redis" ]]; then
-            printf 'redis_url = "%s"\nlocal_cache_ttl_ms = %s\nredis_prefix = "load:%s:"\n' \
-                "$redis" "$cache_ms" "$name"
-        fi
-        cat <<EOF
-
-[session]
-cookie_secure = false
-
-[log]
-level = "warn"
-
-[[upstreams]]
-name = "origin"
-urls = ["http://127.0.0.1:$ORIGIN_PORT"]
-
-[[routes]]
-prefix = "/"
-upstream = "origin"
-auth = "$auth"
-
-EOF
-        if [[ "$mode" != passthrough ]]; then
-            awk '/^\[\[policies\]\]/ { p = 1 } /^\[/ && !/^\[\[policies\]\]/ { p = 0 } p' \
-                "$ROOT/gateway.toml" | sed "s#^plugin = \"plugins/#plugin = \"$ROOT/plugins/#"
-        fi
-    } >"$file"
-    if [[ "$mode" != passthrough ]]; then
-        grep -q '^\[\[policies\]\]' "$file" || die "no [[policies]] found in gateway.toml"
-    fi
+    write_sg_config "$file" "${PORT[$name]}" "${ADMIN_PORT[$name]}" "$ADMIN_TOKEN" "$ORIGIN_PORT" \
+        "$db" "$redis" "$cache_ms" "load:$name:" "$auth" "$ROOT" || die "cannot write $file"
     "$SG" check --config "$file" >"$RUN/logs/$name.check.log" 2>&1 ||
         { cat "$RUN/logs/$name.check.log" >&2; die "sessiongate check failed for $file"; }
 }

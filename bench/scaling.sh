@@ -26,6 +26,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH="$ROOT/bench"
+# shellcheck source=bench/sg_config.sh
+source "$BENCH/sg_config.sh"
 SESSIONS_LIST="${SESSIONS_LIST:-10000,100000,1000000}"
 # The embedded store's sessions come from SQLite on their first lookup: a
 # million of them take minutes to seed and minutes more to warm, for a
@@ -125,45 +127,8 @@ wait_port "$ORIGIN_PORT" "$LAST_PID"
 
 # config FILE DATABASE_URL [REDIS_URL]: a gateway like bench/load.sh's A / C.
 config() {
-    local file="$1" db="$2" redis="${3:-}"
-    {
-        cat <<EOF
-# Written by bench/scaling.sh.
-[server]
-listen = "127.0.0.1:$SG_PORT"
-worker_threads = 1
-
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-token = "$ADMIN_TOKEN"
-
-[store]
-database_url = "$db"
-EOF
-        if [[ -n "$redis" ]]; then
-            printf 'redis_url = "%s"\nredis_prefix = "scale:"\n' "$redis"
-        fi
-        cat <<EOF
-
-[session]
-cookie_secure = false
-
-[log]
-level = "warn"
-
-[[upstreams]]
-name = "origin"
-urls = ["http://127.0.0.1:$ORIGIN_PORT"]
-
-[[routes]]
-prefix = "/"
-upstream = "origin"
-auth = "required"
-
-EOF
-        awk '/^\[\[policies\]\]/ { p = 1 } /^\[/ && !/^\[\[policies\]\]/ { p = 0 } p' \
-            "$ROOT/gateway.toml" | sed "s#^plugin = \"plugins/#plugin = \"$ROOT/plugins/#"
-    } >"$file"
+    write_sg_config "$1" "$SG_PORT" "$ADMIN_PORT" "$ADMIN_TOKEN" "$ORIGIN_PORT" \
+        "$2" "${3:-}" 0 "scale:" required "$ROOT" || die "cannot write $1"
 }
 
 IFS=, read -r -a TARGET_LIST <<<"$TARGETS"
