@@ -99,6 +99,7 @@ struct RawPlugins {
     unknown: BTreeMap<String, figment::value::Value>,
     watch: Option<bool>,
     watch_interval_ms: Option<u64>,
+    log_lines_per_second: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +111,15 @@ struct RawServer {
     worker_threads: Option<u64>,
     max_connections: Option<u64>,
     shutdown_grace_ms: Option<u64>,
+    max_connections_per_client: Option<u64>,
+    first_byte_timeout_ms: Option<u64>,
+    header_read_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    http2_keepalive_interval_ms: Option<u64>,
+    http2_keepalive_timeout_ms: Option<u64>,
+    http2_max_concurrent_streams: Option<u64>,
+    max_upstream_per_connection: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +129,7 @@ struct RawAdmin {
     unknown: BTreeMap<String, figment::value::Value>,
     listen: Option<String>,
     token: Option<String>,
+    max_connections: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +152,7 @@ struct RawStore {
     activity_flush_ms: Option<u64>,
     negative_cache_capacity: Option<u64>,
     negative_cache_ttl_ms: Option<u64>,
+    activity_buffer_capacity: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +168,7 @@ struct RawSession {
     forward_token: Option<bool>,
     token_secret: Option<String>,
     touch_interval_seconds: Option<u64>,
+    lookalike_headers: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +201,8 @@ struct RawRoute {
     upstream: Option<String>,
     auth: Option<String>,
     login_redirect: Option<String>,
+    case_insensitive: Option<bool>,
+    max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -249,6 +264,10 @@ pub struct PluginsConfig {
     /// Reload the chain when a plugin file changes.
     pub watch: bool,
     pub watch_interval: Duration,
+    /// Log lines each plugin may write per second (a bucket refilled at
+    /// this rate, holding one second's worth); the excess is counted and
+    /// summarized.
+    pub log_lines_per_second: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -261,12 +280,33 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Async worker threads; none = one per CPU core.
     pub worker_threads: Option<usize>,
+    /// Connections one client address may hold open at once.
+    pub max_connections_per_client: usize,
+    /// Until a new connection's first byte, and until its protocol is known.
+    pub first_byte_timeout: Duration,
+    /// Until a request's headers are complete (HTTP/1).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Longest wait for the next piece of a request body.
+    pub body_read_timeout: Duration,
+    /// HTTP/2 PING interval, and how long a PING may go unanswered.
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// Upstream requests one client connection may have in flight (and so
+    /// upstream connections it can make the gateway open).
+    pub max_upstream_per_connection: usize,
 }
 
 #[derive(Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: String,
+    /// Connections the admin listener serves at once (its own budget, apart
+    /// from the proxy's).
+    pub max_connections: usize,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -303,6 +343,9 @@ pub struct StoreConfig {
     pub activity_flush: Duration,
     pub negative_cache_capacity: u64,
     pub negative_cache_ttl: Duration,
+    /// Sessions whose activity may wait for the next flush; beyond this
+    /// the oldest is dropped (and counted).
+    pub activity_buffer_capacity: usize,
 }
 
 #[derive(Clone)]
@@ -319,6 +362,18 @@ pub struct SessionConfig {
     pub token_secret: Option<Vec<u8>>,
     /// A session's `last_seen_at` is updated at most this often.
     pub touch_interval: Duration,
+    /// What to do with a request header that reads as a gateway-owned
+    /// header once `_` is taken for `-`.
+    pub lookalike_headers: LookalikeHeaders,
+}
+
+/// `session.lookalike_headers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookalikeHeaders {
+    /// Drop the header and forward the request.
+    Remove,
+    /// Answer 400.
+    Reject,
 }
 
 impl fmt::Debug for SessionConfig {
@@ -330,6 +385,7 @@ impl fmt::Debug for SessionConfig {
             .field("session_header", &self.session_header)
             .field("default_ttl", &self.default_ttl)
             .field("forward_token", &self.forward_token)
+            .field("lookalike_headers", &self.lookalike_headers)
             .field(
                 "token_secret",
                 &self.token_secret.as_ref().map(|_| "<redacted>"),
@@ -383,9 +439,16 @@ pub struct RouteConfig {
     pub upstream: usize,
     pub auth: AuthMode,
     pub login_redirect: Option<String>,
+    /// Match `prefix` without regard to ASCII case (for apps that route
+    /// that way).
+    pub case_insensitive: bool,
+    /// Largest request body accepted on this route (413 beyond).
+    pub max_body_bytes: u64,
 }
 
 pub const DEFAULT_CONFIG_FILE: &str = "gateway.toml";
+/// `routes[].max_body_bytes` when not set: 10 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 << 20;
 const ENV_PREFIX: &str = "SESSIONGATE_";
 
 impl Config {
@@ -502,6 +565,49 @@ impl Config {
                 .server
                 .worker_threads
                 .map(|n| v.positive("server.worker_threads", Some(n), 1) as usize),
+            max_connections_per_client: v.positive(
+                "server.max_connections_per_client",
+                raw.server.max_connections_per_client,
+                1_000,
+            ) as usize,
+            first_byte_timeout: v.millis(
+                "server.first_byte_timeout_ms",
+                raw.server.first_byte_timeout_ms,
+                10_000,
+            ),
+            header_read_timeout: v.millis(
+                "server.header_read_timeout_ms",
+                raw.server.header_read_timeout_ms,
+                30_000,
+            ),
+            idle_timeout: v.millis("server.idle_timeout_ms", raw.server.idle_timeout_ms, 60_000),
+            body_read_timeout: v.millis(
+                "server.body_read_timeout_ms",
+                raw.server.body_read_timeout_ms,
+                30_000,
+            ),
+            http2_keepalive_interval: v.millis(
+                "server.http2_keepalive_interval_ms",
+                raw.server.http2_keepalive_interval_ms,
+                20_000,
+            ),
+            http2_keepalive_timeout: v.millis(
+                "server.http2_keepalive_timeout_ms",
+                raw.server.http2_keepalive_timeout_ms,
+                20_000,
+            ),
+            http2_max_concurrent_streams: v
+                .positive(
+                    "server.http2_max_concurrent_streams",
+                    raw.server.http2_max_concurrent_streams,
+                    100,
+                )
+                .min(u64::from(u32::MAX)) as u32,
+            max_upstream_per_connection: v.positive(
+                "server.max_upstream_per_connection",
+                raw.server.max_upstream_per_connection,
+                16,
+            ) as usize,
         };
 
         let admin = raw.admin.map(|a| {
@@ -517,6 +623,8 @@ impl Config {
             AdminConfig {
                 listen: v.addr("admin.listen", a.listen.as_deref(), "127.0.0.1:9090"),
                 token,
+                max_connections: v.positive("admin.max_connections", a.max_connections, 64)
+                    as usize,
             }
         });
 
@@ -607,6 +715,11 @@ impl Config {
                 raw.store.negative_cache_ttl_ms,
                 10_000,
             )),
+            activity_buffer_capacity: v.positive(
+                "store.activity_buffer_capacity",
+                raw.store.activity_buffer_capacity,
+                100_000,
+            ) as usize,
         };
         if store.min_connections > store.max_connections {
             v.problem(
@@ -670,6 +783,17 @@ impl Config {
             forward_token: raw.session.forward_token.unwrap_or(false),
             token_secret,
             touch_interval: Duration::from_secs(raw.session.touch_interval_seconds.unwrap_or(60)),
+            lookalike_headers: match raw.session.lookalike_headers.as_deref().unwrap_or("remove") {
+                "remove" => LookalikeHeaders::Remove,
+                "reject" => LookalikeHeaders::Reject,
+                other => {
+                    v.problem(
+                        "session.lookalike_headers",
+                        format!("must be \"remove\" or \"reject\", not {other:?}"),
+                    );
+                    LookalikeHeaders::Remove
+                }
+            },
         };
 
         let format = match raw.log.format.as_deref().unwrap_or("text") {
@@ -773,6 +897,12 @@ impl Config {
                 upstream: upstream.unwrap_or(0),
                 auth,
                 login_redirect: r.login_redirect,
+                case_insensitive: r.case_insensitive.unwrap_or(false),
+                max_body_bytes: v.positive(
+                    &key("max_body_bytes"),
+                    r.max_body_bytes,
+                    DEFAULT_MAX_BODY_BYTES,
+                ),
             });
         }
 
@@ -834,6 +964,13 @@ impl Config {
                 raw.plugins.watch_interval_ms,
                 1_000,
             )),
+            log_lines_per_second: v
+                .positive(
+                    "plugins.log_lines_per_second",
+                    raw.plugins.log_lines_per_second,
+                    100,
+                )
+                .min(u64::from(u32::MAX)) as u32,
         };
 
         if v.problems.is_empty() {
@@ -936,6 +1073,11 @@ impl Validator {
                 SocketAddr::from(([127, 0, 0, 1], 0))
             }
         }
+    }
+
+    /// A positive number of milliseconds.
+    fn millis(&mut self, key: &str, value: Option<u64>, default: u64) -> Duration {
+        Duration::from_millis(self.positive(key, value, default))
     }
 
     fn positive(&mut self, key: &str, value: Option<u64>, default: u64) -> u64 {

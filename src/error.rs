@@ -35,6 +35,23 @@ pub enum ProxyError {
     StoreUnavailable,
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The request target cannot be read one way only (or is a CONNECT /
+    /// `OPTIONS *` target). The message names no internal detail.
+    #[error("the request path is not allowed")]
+    InvalidPath,
+    /// A request header the gateway refuses (a look-alike of a header it
+    /// owns, with `session.lookalike_headers = "reject"`).
+    #[error("the request carries a header that is not allowed: {0}")]
+    ForbiddenHeader(String),
+    /// The client's body was malformed or broke off.
+    #[error("the request body is malformed or incomplete")]
+    InvalidBody,
+    /// The client's body is larger than the route accepts.
+    #[error("the request body is too large")]
+    BodyTooLarge,
+    /// The client stopped sending its body.
+    #[error("the request body was not sent in time")]
+    BodyTimeout,
 }
 
 impl From<crate::policy::Refusal> for ProxyError {
@@ -62,7 +79,12 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::InvalidPath
+            | ProxyError::ForbiddenHeader(_)
+            | ProxyError::InvalidBody => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -79,6 +101,11 @@ impl ProxyError {
             ProxyError::UpstreamProtocol(_) => "upstream_invalid_response",
             ProxyError::StoreUnavailable => "store_unavailable",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::InvalidPath => "invalid_path",
+            ProxyError::ForbiddenHeader(_) => "forbidden_header",
+            ProxyError::InvalidBody => "invalid_body",
+            ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::BodyTimeout => "body_timeout",
         }
     }
 
@@ -139,6 +166,15 @@ mod tests {
             (ProxyError::UpstreamTimeout, 504, "upstream_timeout"),
             (ProxyError::StoreUnavailable, 503, "store_unavailable"),
             (ProxyError::PolicyFailed, 503, "policy_failed"),
+            (ProxyError::InvalidPath, 400, "invalid_path"),
+            (
+                ProxyError::ForbiddenHeader("x".into()),
+                400,
+                "forbidden_header",
+            ),
+            (ProxyError::InvalidBody, 400, "invalid_body"),
+            (ProxyError::BodyTooLarge, 413, "body_too_large"),
+            (ProxyError::BodyTimeout, 408, "body_timeout"),
             (
                 ProxyError::PolicyDenied {
                     status: StatusCode::FORBIDDEN,

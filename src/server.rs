@@ -247,7 +247,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         let admin = Arc::new(Admin::new(gateway.clone(), &admin_config.token));
         tasks.push(tokio::spawn(serve(
             admin_listener,
-            64,
+            admin_config.max_connections,
             config.server.shutdown_grace,
             shutdown_rx.clone(),
             move |req, _peer: &Peer| admin.clone().handle(req),

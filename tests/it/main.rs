@@ -7,4 +7,8 @@ mod harness;
 mod hybrid;
 mod policies;
 mod proxy;
+mod sec_headers;
+mod sec_limits;
+mod sec_origins;
+mod sec_paths;
 mod store_suite;

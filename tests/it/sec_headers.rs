@@ -1,0 +1,1 @@
+//! Security regression suite: sec_headers (see SECURITY.md).

@@ -1,0 +1,1 @@
+//! Security regression suite: sec_limits (see SECURITY.md).

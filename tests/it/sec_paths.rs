@@ -1,0 +1,1 @@
+//! Security regression suite: sec_paths (see SECURITY.md).
