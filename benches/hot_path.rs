@@ -330,7 +330,9 @@ auth = "required"
         b.iter_batched(
             || headers.clone(),
             |mut h| {
-                gateway.rewrite_request_headers(&mut h, &uri, &peer, &id, false);
+                gateway
+                    .rewrite_request_headers(&mut h, &uri, &peer, &id, false)
+                    .expect("no look-alike headers");
                 h
             },
             criterion::BatchSize::SmallInput,

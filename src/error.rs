@@ -29,7 +29,9 @@ pub enum ProxyError {
     UpstreamUnreachable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
-    #[error("the upstream sent an invalid response: {0}")]
+    /// What was wrong is upstream-derived text (header values): it is
+    /// logged with the request id, never sent to the client.
+    #[error("the upstream sent an invalid response")]
     UpstreamProtocol(String),
     #[error("the session store is unavailable; try again shortly")]
     StoreUnavailable,
@@ -115,6 +117,11 @@ impl ProxyError {
 
     /// The response the client gets for this error.
     pub fn into_response(self, request_id: &str) -> Response<Body> {
+        if let ProxyError::UpstreamProtocol(detail) = &self {
+            // Debug-quoted: the text came from the upstream and may hold
+            // anything a header value can.
+            tracing::warn!(request_id, detail = ?detail, "the upstream sent an invalid response");
+        }
         let status = self.status();
         let mut resp = json_error(status, self.code(), &self.to_string(), request_id);
         if self.is_auth_failure() {
@@ -188,6 +195,16 @@ mod tests {
             assert_eq!(err.status().as_u16(), status, "{err:?}");
             assert_eq!(err.code(), code);
         }
+    }
+
+    #[tokio::test]
+    async fn upstream_text_stays_out_of_the_body() {
+        let resp = ProxyError::UpstreamProtocol("upstream said <secret-detail>".into())
+            .into_response("req-2");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("upstream_invalid_response"), "{text}");
+        assert!(!text.contains("secret-detail"), "{text}");
     }
 
     #[tokio::test]

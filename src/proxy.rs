@@ -27,7 +27,7 @@ use http::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body};
-use crate::config::{AuthMode, Config, RouteConfig};
+use crate::config::{AuthMode, Config, LookalikeHeaders, RouteConfig};
 use crate::error::ProxyError;
 use crate::headers::{
     self as h, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
@@ -69,6 +69,30 @@ enum Presented {
     Nothing,
     Malformed,
     Valid(TokenHash),
+    /// Several different tokens that all verify. Never resolved by
+    /// picking one: a browser lists a cookie with a longer `Path` first,
+    /// so a page that plants a path-scoped session cookie would otherwise
+    /// choose whose session the victim uses under that path.
+    Ambiguous,
+}
+
+/// Most session tokens one request may present: each costs an HMAC, and
+/// no browser holds more than a few cookies of one name.
+const MAX_PRESENTED: usize = 8;
+
+impl Presented {
+    /// The outcome once one more candidate has been checked: a token that
+    /// verifies wins over malformed ones, two different ones that verify
+    /// are ambiguous.
+    fn and(self, candidate: Result<TokenHash, token::MalformedToken>) -> Presented {
+        match (self, candidate) {
+            (Presented::Ambiguous, _) => Presented::Ambiguous,
+            (Presented::Valid(a), Ok(b)) if a != b => Presented::Ambiguous,
+            (Presented::Valid(a), _) => Presented::Valid(a),
+            (_, Ok(b)) => Presented::Valid(b),
+            (_, Err(_)) => Presented::Malformed,
+        }
+    }
 }
 
 /// What one request did, for its log line.
@@ -190,7 +214,11 @@ impl Gateway {
             (AuthMode::None, _) => None,
             (AuthMode::Required, Presented::Nothing) => return Err(ProxyError::MissingSession),
             (AuthMode::Required, Presented::Malformed) => return Err(ProxyError::MalformedToken),
-            (AuthMode::Optional, Presented::Nothing | Presented::Malformed) => None,
+            (AuthMode::Required, Presented::Ambiguous) => return Err(ProxyError::InvalidSession),
+            (
+                AuthMode::Optional,
+                Presented::Nothing | Presented::Malformed | Presented::Ambiguous,
+            ) => None,
             (mode, Presented::Valid(key)) => match self.store.lookup(&key).await {
                 Ok(Some(s)) => Some(s),
                 Ok(None) if mode == AuthMode::Required => {
@@ -232,11 +260,12 @@ impl Gateway {
         }
 
         // Rewrite.
-        let upgrade = h::is_upgrade_request(req.headers());
+        let websocket_key = h::websocket_key(req.headers()).cloned();
+        let upgrade = websocket_key.is_some();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, incoming) = req.into_parts();
         let mut headers = parts.headers;
-        self.rewrite_request_headers(&mut headers, &parts.uri, &peer, request_id, upgrade);
+        self.rewrite_request_headers(&mut headers, &parts.uri, &peer, request_id, upgrade)?;
         if let Some(s) = &session {
             self.set_identity(&mut headers, s);
         }
@@ -259,7 +288,16 @@ impl Gateway {
             })?;
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
+            if let (Some(client_upgrade), Some(key)) = (client_upgrade, &websocket_key) {
+                // Only the WebSocket the client asked for is bridged: a
+                // 101 to anything else would open a tunnel whose later
+                // requests the gateway never sees.
+                if !h::is_websocket_switch(resp.headers(), key) {
+                    return Err(ProxyError::UpstreamProtocol(
+                        "a 101 without Upgrade: websocket and the right Sec-WebSocket-Accept"
+                            .into(),
+                    ));
+                }
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let request_id = request_id_text(request_id).to_string();
                 tokio::spawn(async move {
@@ -274,6 +312,7 @@ impl Gateway {
                 });
                 let (mut parts, _) = resp.into_parts();
                 h::strip_hop_by_hop(&mut parts.headers, true);
+                h::remove_set_cookie(&mut parts.headers, &self.config.session.cookie_name);
                 // Sessions begin and end on ordinary responses only; on a
                 // handshake these headers are dropped, never passed on.
                 parts.headers.remove(h::SG_LOGIN);
@@ -289,6 +328,8 @@ impl Gateway {
         // Respond.
         let (mut parts, upstream_body) = resp.into_parts();
         h::strip_hop_by_hop(&mut parts.headers, false);
+        // Before the gateway adds its own: only the gateway sets its cookie.
+        h::remove_set_cookie(&mut parts.headers, &self.config.session.cookie_name);
         self.session_headers(&mut parts.headers, presented, session.as_deref(), &context)
             .await?;
         Ok(Response::from_parts(parts, upstream_body))
@@ -310,26 +351,63 @@ impl Gateway {
         }
     }
 
+    /// The token the request presents: bearer tokens of our shape if
+    /// there are any, else the session cookies, else a bearer token of
+    /// another shape (malformed). Among several candidates the one whose
+    /// MAC verifies counts, never merely the first; several different
+    /// ones that verify, or more than [`MAX_PRESENTED`], are ambiguous.
     fn presented_token(&self, headers: &HeaderMap) -> Presented {
-        let bearer = h::bearer_token(headers);
-        let candidate = match bearer {
-            Some(b) if token::looks_like_token(b) => Some(b),
-            _ => h::find_cookie(headers, &self.config.session.cookie_name).or(bearer),
-        };
-        match candidate {
-            None => Presented::Nothing,
-            Some(text) => match self.token_key.verify(text) {
-                Ok(key) => Presented::Valid(key),
-                Err(_) => Presented::Malformed,
-            },
+        let mut presented = Presented::Nothing;
+        let mut count = 0;
+        let mut other_bearer = false;
+        for bearer in h::bearer_tokens(headers) {
+            if token::looks_like_token(bearer) {
+                count += 1;
+                if count > MAX_PRESENTED {
+                    break;
+                }
+                presented = presented.and(self.token_key.verify(bearer));
+            } else {
+                other_bearer = true;
+            }
         }
+        if count == 0 {
+            for cookie in h::cookie_values(headers, &self.config.session.cookie_name) {
+                count += 1;
+                if count > MAX_PRESENTED {
+                    break;
+                }
+                presented = presented.and(self.token_key.verify(cookie));
+            }
+        }
+        match presented {
+            _ if count > MAX_PRESENTED => Presented::Ambiguous,
+            Presented::Nothing if other_bearer => Presented::Malformed,
+            presented => presented,
+        }
+    }
+
+    /// Whether an `Authorization` value carries a token of ours: a
+    /// `Bearer` credential of our shape (removed without an HMAC, as any
+    /// token-shaped bearer could be ours under an older key), or a word
+    /// of any other scheme or list that verifies as one.
+    fn carries_our_token(&self, value: &HeaderValue) -> bool {
+        if h::bearer_of(value).is_some_and(token::looks_like_token) {
+            return true;
+        }
+        h::authorization_words(value)
+            .any(|w| token::looks_like_token(w) && self.token_key.verify(w).is_ok())
     }
 
     /// Rewrites a client's request headers for the upstream: hop-by-hop
     /// headers and whatever the client claims about identity or
     /// forwarding go, the forwarding headers and the request id are set
-    /// (the identity headers are [`Gateway::set_identity`]'s). Public for
-    /// the benches.
+    /// (the identity headers are [`Gateway::set_identity`]'s). `upgrade`
+    /// keeps a WebSocket handshake's `Upgrade` (and nothing else's).
+    /// Public for the benches.
+    ///
+    /// Fails only with `session.lookalike_headers = "reject"`, on a
+    /// header that reads as a gateway-owned one once `_` is taken for `-`.
     pub fn rewrite_request_headers(
         &self,
         headers: &mut HeaderMap,
@@ -337,28 +415,31 @@ impl Gateway {
         peer: &Peer,
         request_id: &HeaderValue,
         upgrade: bool,
-    ) {
+    ) -> Result<(), ProxyError> {
         let session = &self.config.session;
         h::strip_hop_by_hop(headers, upgrade);
         // Whatever the client claims about identity or forwarding is
-        // dropped (x-forwarded-* and x-request-id are overwritten below).
-        h::remove_all(
+        // dropped (x-forwarded-* and x-request-id are overwritten below),
+        // under its own name or one a CGI-style server reads the same.
+        let identity = [
+            session.user_header.as_str(),
+            session.session_header.as_str(),
+        ];
+        h::scrub_request_names(
             headers,
             &[
                 &session.user_header,
                 &session.session_header,
-                &h::SG_LOGIN,
-                &h::SG_ATTRIBUTES,
-                &h::SG_LOGOUT,
                 &h::FORWARDED,
                 &h::X_REAL_IP,
             ],
-        );
+            &identity,
+            session.lookalike_headers == LookalikeHeaders::Reject,
+        )
+        .map_err(|name| ProxyError::ForbiddenHeader(name.as_str().to_string()))?;
         if !session.forward_token {
             h::remove_cookie(headers, &session.cookie_name);
-            if h::bearer_token(headers).is_some_and(token::looks_like_token) {
-                headers.remove(header::AUTHORIZATION);
-            }
+            h::remove_authorization_if(headers, |v| self.carries_our_token(v));
         }
         let host = headers.get(header::HOST).cloned().or_else(|| {
             uri.authority()
@@ -374,6 +455,7 @@ impl Gateway {
         headers.insert(X_FORWARDED_FOR, peer.ip.clone());
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         headers.insert(X_REQUEST_ID, request_id.clone());
+        Ok(())
     }
 
     /// Sets the identity headers of `session` (public for the benches).

@@ -72,6 +72,10 @@ pub struct SessionView<'a> {
 }
 
 /// Checks a user id: not empty, short, and sendable as a header value.
+/// No commas: an upstream that joins repeated headers (or a user header
+/// a client managed to add to) would read `alice, admin` as two values,
+/// and a list is never one identity. No control characters of any kind
+/// (C0, DEL, C1): they end or bend header lines and log lines.
 pub fn validate_user_id(user_id: &str) -> Result<(), String> {
     if user_id.is_empty() {
         return Err("must not be empty".into());
@@ -79,8 +83,11 @@ pub fn validate_user_id(user_id: &str) -> Result<(), String> {
     if user_id.len() > MAX_USER_ID_BYTES {
         return Err(format!("must be at most {MAX_USER_ID_BYTES} bytes"));
     }
-    if user_id.bytes().any(|b| b.is_ascii_control()) || user_id.trim() != user_id {
+    if user_id.chars().any(char::is_control) || user_id.trim() != user_id {
         return Err("must not contain control characters or surrounding spaces".into());
+    }
+    if user_id.contains(',') {
+        return Err("must not contain commas".into());
     }
     Ok(())
 }
@@ -140,6 +147,11 @@ mod tests {
         assert!(validate_user_id("alice@example.com").is_ok());
         assert!(validate_user_id("").is_err());
         assert!(validate_user_id("a\nb").is_err());
+        assert!(validate_user_id("alice, admin").is_err());
+        assert!(validate_user_id("alice,admin").is_err());
+        assert!(validate_user_id("a\u{85}b").is_err());
+        assert!(validate_user_id("a\u{7f}b").is_err());
+        assert!(validate_user_id("Zoë O'Neil").is_ok());
         assert!(validate_user_id(&"x".repeat(300)).is_err());
     }
 
