@@ -12,6 +12,7 @@
 //! | [`server`] | stores, listeners, connection cap, background tasks, graceful shutdown |
 //! | [`proxy`] | the request path: route → authenticate → rewrite → forward → respond |
 //! | [`upstream`] | pooled upstream clients, round robin, skipping refused URLs |
+//! | `limits` | per-client connection cap, upstream requests per connection, request body size and pace |
 //! | [`headers`] | header constants, hop-by-hop removal, cookie and bearer parsing |
 //! | [`token`] | token issue and verification (CSPRNG + MAC), the stored hash |
 //! | [`session`] | the session record, its limits and the clock |
@@ -43,6 +44,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod headers;
+pub(crate) mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

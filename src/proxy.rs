@@ -32,6 +32,7 @@ use crate::error::ProxyError;
 use crate::headers::{
     self as h, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
+use crate::limits::{ConnState, LimitedBody};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::{AccessOutcome, Policies, Refusal, RequestInfo};
 use crate::session::{self, Session};
@@ -270,7 +271,17 @@ impl Gateway {
             self.set_identity(&mut headers, s);
         }
 
-        // Forward.
+        // Forward. A body declared larger than the route accepts is
+        // refused before any upstream connection; one that grows past it,
+        // stalls or breaks aborts the upstream request (limits.rs).
+        if http_body::Body::size_hint(&incoming).lower() > route.max_body_bytes {
+            return Err(ProxyError::BodyTooLarge);
+        }
+        let incoming = LimitedBody::new(
+            incoming,
+            route.max_body_bytes,
+            self.config.server.body_read_timeout,
+        );
         let upstream = &self.upstreams[route.upstream];
         let mut resp = upstream
             .send(
@@ -278,13 +289,16 @@ impl Gateway {
                 parts.uri.path_and_query().cloned(),
                 headers,
                 body::boxed(incoming),
+                &peer.conn,
             )
             .await
             .inspect_err(|e| {
-                self.metrics
-                    .upstream_errors
-                    .get_or_create(&ReasonLabels { reason: e.code() })
-                    .inc();
+                if e.status().is_server_error() {
+                    self.metrics
+                        .upstream_errors
+                        .get_or_create(&ReasonLabels { reason: e.code() })
+                        .inc();
+                }
             })?;
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -676,18 +690,32 @@ fn request_id_text(id: &HeaderValue) -> &str {
 }
 
 /// The client end of a connection, with its `X-Forwarded-For` value made
-/// once per connection rather than once per request.
+/// once per connection rather than once per request, and the state its
+/// requests share (requests in flight, upstream request slots).
 #[derive(Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
     ip: HeaderValue,
+    pub(crate) conn: Arc<ConnState>,
 }
 
 impl Peer {
+    /// A peer whose connection may have any number of upstream requests
+    /// in flight (for driving the gateway in-process).
     pub fn new(addr: SocketAddr) -> Peer {
+        Peer::with_upstream_limit(addr, usize::MAX)
+    }
+
+    /// A peer whose connection may have at most `max_upstream` upstream
+    /// requests in flight (`server.max_upstream_per_connection`).
+    pub fn with_upstream_limit(addr: SocketAddr, max_upstream: usize) -> Peer {
         let ip =
             HeaderValue::from_str(&addr.ip().to_string()).expect("an IP address is header-safe");
-        Peer { addr, ip }
+        Peer {
+            addr,
+            ip,
+            conn: ConnState::new(max_upstream),
+        }
     }
 }
 

@@ -10,7 +10,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -18,14 +20,16 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::admin::Admin;
 use crate::body::Body;
-use crate::config::{Config, redact_url};
+use crate::config::{Config, ServerConfig, redact_url};
+use crate::limits::ClientCounts;
 use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyChain};
 use crate::proxy::{Gateway, Peer};
@@ -58,8 +62,12 @@ pub enum StartError {
 
 /// Rows deleted per statement by the expiry sweeper.
 const SWEEP_BATCH: u32 = 1_000;
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle connection told to close may take to do so before it
+/// is dropped (capped at `server.idle_timeout_ms`).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// The HTTP/2 client connection preface: the bytes that tell HTTP/2
+/// (prior knowledge) from HTTP/1.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Opens the durable tier named by the config: SQLite or PostgreSQL.
 pub async fn open_durable(config: &Config) -> Result<Arc<dyn DurableTier>, StartError> {
@@ -245,10 +253,15 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         let admin_listener = bind(admin_config.listen, "admin.listen").await?;
         admin_addr = admin_listener.local_addr().ok();
         let admin = Arc::new(Admin::new(gateway.clone(), &admin_config.token));
+        // Its own connection budget, so that proxy clients cannot take it.
+        let limits = ConnLimits {
+            max_connections: admin_config.max_connections,
+            ..ConnLimits::from(&config.server)
+        };
         tasks.push(tokio::spawn(serve(
             admin_listener,
-            admin_config.max_connections,
-            config.server.shutdown_grace,
+            limits,
+            http_builder(&config.server),
             shutdown_rx.clone(),
             move |req, _peer: &Peer| admin.clone().handle(req),
         )));
@@ -257,8 +270,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let proxy_gateway = gateway.clone();
     tasks.push(tokio::spawn(serve(
         listener,
-        config.server.max_connections,
-        config.server.shutdown_grace,
+        ConnLimits::from(&config.server),
+        http_builder(&config.server),
         shutdown_rx.clone(),
         move |req, peer: &Peer| proxy_gateway.clone().handle(req, peer.clone()),
     )));
@@ -379,25 +392,75 @@ async fn bind(address: SocketAddr, what: &'static str) -> Result<TcpListener, St
         })
 }
 
-/// Accepts connections until shutdown, at most `max_connections` at once,
-/// serving HTTP/1.1 (with upgrades) and cleartext HTTP/2 on each.
+/// What bounds a listener's connections.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    max_connections: usize,
+    per_client: usize,
+    first_byte: Duration,
+    idle: Duration,
+    max_upstream: usize,
+    shutdown_grace: Duration,
+}
+
+impl From<&ServerConfig> for ConnLimits {
+    fn from(server: &ServerConfig) -> ConnLimits {
+        ConnLimits {
+            max_connections: server.max_connections,
+            per_client: server.max_connections_per_client,
+            first_byte: server.first_byte_timeout,
+            idle: server.idle_timeout,
+            max_upstream: server.max_upstream_per_connection,
+            shutdown_grace: server.shutdown_grace,
+        }
+    }
+}
+
+/// HTTP/1.1 (with upgrades) and cleartext HTTP/2, with the configured
+/// header timeout, PINGs and stream cap.
+fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(server.http2_keepalive_interval)
+        .keep_alive_timeout(server.http2_keepalive_timeout)
+        .max_concurrent_streams(server.http2_max_concurrent_streams);
+    builder
+}
+
+/// What a listener asks of its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Finish what is in flight, take nothing new.
+    Draining,
+    /// The grace period is over: close now.
+    Closing,
+}
+
+/// Accepts connections until shutdown, at most `limits.max_connections`
+/// at once and `limits.per_client` per client address, serving HTTP/1.1
+/// (with upgrades) and cleartext HTTP/2 on each.
 async fn serve<F, Fut>(
     listener: TcpListener,
-    max_connections: usize,
-    grace: Duration,
+    limits: ConnLimits,
+    builder: auto::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
     handler: F,
 ) where
     F: Fn(Request<Incoming>, &Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(max_connections));
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let limit = Arc::new(Semaphore::new(limits.max_connections));
+    let clients = ClientCounts::new(limits.per_client);
+    let builder = Arc::new(builder);
+    // Every connection task holds a receiver: `closed()` is "all gone".
+    let (phase, _) = watch::channel(Phase::Serving);
     loop {
         // Waiting for a permit before accepting leaves excess connections
         // in the kernel's backlog instead of in our memory.
@@ -420,30 +483,226 @@ async fn serve<F, Fut>(
             },
             _ = shutdown.changed() => break,
         };
+        let Some(client_slot) = clients.admit(peer.ip()) else {
+            tracing::debug!(%peer, max = limits.per_client, "connection refused: too many from this client");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let client = Peer::new(peer);
-        let service = service_fn(move |req| {
-            let fut = handler(req, &client);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-            drop(permit);
-        });
+        tokio::spawn(connection(
+            stream,
+            peer,
+            builder.clone(),
+            handler.clone(),
+            limits,
+            phase.subscribe(),
+            (permit, client_slot),
+        ));
     }
     drop(listener);
+    let _ = phase.send(Phase::Draining);
     tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; closing remaining connections");
+        _ = phase.closed() => {}
+        _ = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(grace_ms = limits.shutdown_grace.as_millis() as u64, "grace period over; closing remaining connections");
+            let _ = phase.send(Phase::Closing);
+            let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, phase.closed()).await;
         }
+    }
+}
+
+/// Serves one connection: its first bytes must come within
+/// `limits.first_byte`, and a watchdog closes it once it has had no
+/// request in flight for `limits.idle` (HTTP/1 keep-alive, HTTP/2, or an
+/// HTTP/2 header block that never ends). `_held` (the listener's permit,
+/// the client's slot) is given back when it ends.
+async fn connection<F, Fut, H>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: F,
+    limits: ConnLimits,
+    mut phase: watch::Receiver<Phase>,
+    _held: H,
+) where
+    F: Fn(Request<Incoming>, &Peer) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let io = tokio::select! {
+        detected = tokio::time::timeout(limits.first_byte, Detected::read(stream)) => match detected {
+            Ok(Ok(Some(io))) => io,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "connection failed before its first request");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "connection closed: no request within first_byte_timeout");
+                return;
+            }
+        },
+        _ = phase.changed() => return,
+    };
+
+    let client = Peer::with_upstream_limit(peer, limits.max_upstream);
+    let state = client.conn.clone();
+    let service = service_fn(move |req| {
+        let request = client.conn.begin_request();
+        let fut = handler(req, &client);
+        async move {
+            let resp = fut.await;
+            drop(request);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+
+    // The watchdog looks every quarter of the idle timeout; a connection
+    // is idle once two looks find nothing in flight and no request begun
+    // in between, so it closes between 1 and 1.25 idle timeouts after its
+    // last request, with no timer per request.
+    let tick = (limits.idle / 4).max(Duration::from_millis(1));
+    let close_grace = IDLE_CLOSE_GRACE.min(limits.idle);
+    let watchdog = tokio::time::sleep(tick);
+    tokio::pin!(watchdog);
+    let (mut seen, _) = state.activity();
+    let mut idle_since = Some(Instant::now());
+    let mut closing_since: Option<Instant> = None;
+    let mut draining = false;
+    let mut listening = true;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                return;
+            }
+            changed = phase.changed(), if listening => match changed.map(|()| *phase.borrow_and_update()) {
+                Ok(Phase::Serving) => {}
+                Ok(Phase::Draining) => {
+                    if !draining {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+                Ok(Phase::Closing) => return,
+                Err(_) => listening = false,
+            },
+            _ = &mut watchdog => {
+                let now = Instant::now();
+                let (begun, busy) = state.activity();
+                if busy || begun != seen {
+                    seen = begun;
+                    idle_since = (!busy).then_some(now);
+                } else if idle_since.is_none() {
+                    idle_since = Some(now);
+                }
+                if let Some(since) = idle_since
+                    && now.duration_since(since) >= limits.idle
+                {
+                    match closing_since {
+                        None => {
+                            tracing::debug!(%peer, "closing an idle connection");
+                            closing_since = Some(now);
+                            if !draining {
+                                draining = true;
+                                conn.as_mut().graceful_shutdown();
+                            }
+                        }
+                        // Asked to close and still holding on with nothing
+                        // in flight (an HTTP/2 client ignoring GOAWAY, a
+                        // header block that never ends): drop it.
+                        Some(at) if now.duration_since(at) >= close_grace => return,
+                        Some(_) => {}
+                    }
+                }
+                watchdog.as_mut().reset(now + tick);
+            }
+        }
+    }
+}
+
+/// A client connection whose first bytes have been read to tell HTTP/1
+/// from the HTTP/2 preface (so that a connection sending nothing is closed
+/// on our clock, not left to hyper's); hyper reads those bytes again
+/// before the socket's.
+struct Detected {
+    head: [u8; 24],
+    start: usize,
+    end: usize,
+    stream: TcpStream,
+}
+
+impl Detected {
+    /// Reads until the bytes are not a prefix of the HTTP/2 preface, or are
+    /// all of it. `None` when the client closes first.
+    async fn read(mut stream: TcpStream) -> std::io::Result<Option<Detected>> {
+        let mut head = [0u8; 24];
+        let mut end = 0;
+        while end < head.len() {
+            let n = stream.read(&mut head[end..]).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            end += n;
+            if head[..end] != H2_PREFACE[..end] {
+                break;
+            }
+        }
+        Ok(Some(Detected {
+            head,
+            start: 0,
+            end,
+            stream,
+        }))
+    }
+}
+
+impl AsyncRead for Detected {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.start < this.end {
+            let n = (this.end - this.start).min(buf.remaining());
+            buf.put_slice(&this.head[this.start..this.start + n]);
+            this.start += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Detected {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

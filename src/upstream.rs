@@ -36,6 +36,7 @@ use tokio::net::TcpStream;
 use crate::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
+use crate::limits::{self, ConnState, UpstreamSlot};
 use crate::session::now_ms;
 
 /// How long a URL that refused a connection is skipped.
@@ -196,26 +197,38 @@ impl Upstream {
         Ok(sender)
     }
 
-    /// Sends a request whose headers are already rewritten for upstream.
-    pub async fn send(
+    /// Sends a request whose headers are already rewritten for upstream,
+    /// in one of the client connection's upstream slots (`conn`): waiting
+    /// for a slot counts against the upstream's timeout, and the slot is
+    /// held until the response body ends or is dropped.
+    pub(crate) async fn send(
         &self,
         method: Method,
         path: Option<PathAndQuery>,
         headers: HeaderMap,
         body: Body,
+        conn: &Arc<ConnState>,
     ) -> Result<Response<Body>, ProxyError> {
         let mut req = Request::new(body);
         *req.method_mut() = method;
         *req.uri_mut() = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
-        match tokio::time::timeout(self.timeout, self.send_in_order(req)).await {
+        let sending = async {
+            let slot = conn.upstream_slot().await;
+            self.send_in_order(req, slot).await
+        };
+        match tokio::time::timeout(self.timeout, sending).await {
             Err(_) => Err(ProxyError::UpstreamTimeout),
             Ok(result) => result,
         }
     }
 
-    async fn send_in_order(&self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+    async fn send_in_order(
+        &self,
+        mut req: Request<Body>,
+        slot: UpstreamSlot,
+    ) -> Result<Response<Body>, ProxyError> {
         for index in self.order() {
             let target = &self.targets[index];
             if !req.headers().contains_key(header::HOST) {
@@ -226,7 +239,7 @@ impl Upstream {
             // checked it gives the request back unsent: try the next.
             while let Some(mut sender) = target.checkout() {
                 match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok(pooled_response(resp, target, sender)),
+                    Ok(resp) => return Ok(pooled_response(resp, target, sender, slot)),
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => req = unsent,
                         None => return Err(self.failed(e.into_error())),
@@ -249,7 +262,7 @@ impl Upstream {
                 }
             };
             return match sender.try_send_request(req).await {
-                Ok(resp) => Ok(pooled_response(resp, target, sender)),
+                Ok(resp) => Ok(pooled_response(resp, target, sender, slot)),
                 Err(e) => Err(self.failed(e.into_error())),
             };
         }
@@ -257,6 +270,12 @@ impl Upstream {
     }
 
     fn failed(&self, e: hyper::Error) -> ProxyError {
+        // The client's own body broke the request (too large, too slow,
+        // malformed): the client's fault, not the upstream's.
+        if let Some(client_error) = limits::body_fault(&e) {
+            tracing::debug!(upstream = %self.name, error = %error_chain(&e), "request body refused");
+            return client_error;
+        }
         tracing::warn!(upstream = %self.name, error = %error_chain(&e), "upstream request failed");
         ProxyError::UpstreamUnreachable
     }
@@ -269,12 +288,14 @@ fn pooled_response(
     resp: Response<Incoming>,
     target: &Arc<Target>,
     sender: Sender,
+    slot: UpstreamSlot,
 ) -> Response<Body> {
     let upgraded = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     resp.map(|inner| {
         PooledBody {
             inner,
             home: (!upgraded).then(|| (target.clone(), sender)),
+            slot: Some(slot),
         }
         .boxed()
     })
@@ -283,6 +304,7 @@ fn pooled_response(
 struct PooledBody {
     inner: Incoming,
     home: Option<(Arc<Target>, Sender)>,
+    slot: Option<UpstreamSlot>,
 }
 
 impl PooledBody {
@@ -290,6 +312,9 @@ impl PooledBody {
         if let Some((target, sender)) = self.home.take() {
             target.checkin(sender);
         }
+        // After the check-in, so that the request this slot goes to next
+        // finds the connection idle instead of opening another.
+        self.slot = None;
     }
 }
 
@@ -317,6 +342,7 @@ impl HttpBody for PooledBody {
             Poll::Ready(Some(Err(e))) => {
                 // The connection is in an unknown state: never reuse it.
                 this.home = None;
+                this.slot = None;
                 Poll::Ready(Some(Err(e.into())))
             }
         }

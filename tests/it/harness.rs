@@ -535,6 +535,8 @@ pub struct RouteSpec {
     pub upstream: String,
     pub auth: String,
     pub login_redirect: Option<String>,
+    /// `max_body_bytes` when set.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// What goes into the gateway's TOML (besides listeners and the store,
@@ -605,6 +607,7 @@ impl GatewaySpec {
             upstream: upstream.into(),
             auth: auth.into(),
             login_redirect: None,
+            max_body_bytes: None,
         });
         self
     }
@@ -616,6 +619,7 @@ impl GatewaySpec {
             upstream: upstream.into(),
             auth: "required".into(),
             login_redirect: Some(location.into()),
+            max_body_bytes: None,
         });
         self
     }
@@ -687,6 +691,9 @@ impl GatewaySpec {
             ));
             if let Some(loc) = &r.login_redirect {
                 t.push_str(&format!("login_redirect = {}\n", q(loc)));
+            }
+            if let Some(max) = r.max_body_bytes {
+                t.push_str(&format!("max_body_bytes = {max}\n"));
             }
         }
         if !self.extra.is_empty() {
@@ -1037,4 +1044,21 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = &data[(size + 2).min(data.len())..];
     }
     out
+}
+
+// ---------------------------------------------------------------------------
+// Limits (sec_limits)
+// ---------------------------------------------------------------------------
+
+impl GatewaySpec {
+    /// Sets `max_body_bytes` on the route with `prefix`.
+    pub fn max_body_bytes(mut self, prefix: &str, max: u64) -> Self {
+        let route = self
+            .routes
+            .iter_mut()
+            .find(|r| r.prefix == prefix)
+            .unwrap_or_else(|| panic!("no route {prefix}"));
+        route.max_body_bytes = Some(max);
+        self
+    }
 }

@@ -781,7 +781,9 @@ const BIG: usize = 16 * 1024 * 1024 + 1024 * 1024 + 12_345;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways_intact() {
-    let (_up, gw) = standard().await;
+    let up = TestUpstream::start().await;
+    let spec = GatewaySpec::standard(&up.url()).max_body_bytes("/", 2 * BIG as u64);
+    let gw = GatewayUnderTest::start(spec).await;
     let token = gw.login("alice").await;
     let (want_len, want_sha) = PseudoRandom::digest_of_first(BIG);
 
