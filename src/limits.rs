@@ -394,7 +394,7 @@ mod tests {
     #[tokio::test]
     async fn bodies_over_the_limit_fail_with_too_large() {
         let body = LimitedBody::new(Full::new(Bytes::from_static(b"12345")), 4, Duration::MAX);
-        let e = body.collect().await.err().expect("over the limit");
+        let e = body.collect().await.expect_err("over the limit");
         assert!(matches!(body_fault(&*e), Some(ProxyError::BodyTooLarge)));
         let body = LimitedBody::new(Full::new(Bytes::from_static(b"1234")), 4, Duration::MAX);
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 4);
@@ -415,7 +415,7 @@ mod tests {
             .await
             .unwrap();
         assert!(body.frame().await.unwrap().is_ok());
-        let e = body.frame().await.unwrap().err().expect("stalled");
+        let e = body.frame().await.unwrap().expect_err("stalled");
         assert!(matches!(body_fault(&*e), Some(ProxyError::BodyTimeout)));
         assert!(body.frame().await.is_none(), "nothing after the fault");
 
@@ -423,7 +423,7 @@ mod tests {
             "bad chunk",
         ))]);
         let body = LimitedBody::new(StreamBody::new(broken), 100, Duration::MAX);
-        let e = body.collect().await.err().expect("broken");
+        let e = body.collect().await.expect_err("broken");
         assert!(matches!(body_fault(&*e), Some(ProxyError::InvalidBody)));
         drop(tx);
     }
