@@ -221,6 +221,17 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let store = open_store(&config, metrics.clone()).await?;
     let durable = store.durable().clone();
 
+    if config.session.token_secret.is_none()
+        && let Some((file, mode)) =
+            crate::store::sqlite::key_file_readable_by_others(&config.store.database_url)
+    {
+        tracing::warn!(
+            file = %file.display(),
+            mode = %format_args!("{mode:04o}"),
+            "the token MAC key is kept in a file other users can read: chmod 600 it (and its -wal, -shm), \
+             or set session.token_secret from the environment (SESSIONGATE_SESSION__TOKEN_SECRET)"
+        );
+    }
     let secret = match &config.session.token_secret {
         Some(secret) => secret.clone(),
         None => durable

@@ -180,4 +180,84 @@ mod tests {
             let _ = decode(&bytes);
         }
     }
+
+    mod properties {
+        //! Property tests (CI-fast: proptest's default 256 cases each). The
+        //! cargo-fuzz target `codec` (fuzz/) runs the same decode for longer.
+        use super::*;
+        use proptest::collection::{btree_map, vec};
+        use proptest::prelude::*;
+
+        fn any_string(max: usize) -> impl Strategy<Value = String> {
+            // Any Unicode scalar values, multi-byte ones included.
+            proptest::string::string_regex(&format!("(?s).{{0,{max}}}")).expect("regex")
+        }
+
+        fn any_session() -> impl Strategy<Value = Session> {
+            (
+                any::<u128>(),
+                any_string(crate::session::MAX_USER_ID_BYTES),
+                any::<i64>(),
+                any::<i64>(),
+                any::<i64>(),
+                btree_map(any_string(40), any_string(200), 0..16),
+            )
+                .prop_map(
+                    |(id, user_id, created_at, last_seen_at, expires_at, attributes)| Session {
+                        id: Uuid::from_u128(id),
+                        user_id,
+                        created_at,
+                        last_seen_at,
+                        expires_at,
+                        attributes,
+                    },
+                )
+        }
+
+        proptest! {
+            #[test]
+            fn every_session_round_trips(session in any_session()) {
+                prop_assert_eq!(decode(&encode(&session)), Ok(session));
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic_and_decode_canonically(
+                bytes in vec(any::<u8>(), 0..512),
+            ) {
+                // Whatever decodes is a session that encodes back to a
+                // record decoding to the same session.
+                if let Ok(session) = decode(&bytes) {
+                    prop_assert_eq!(decode(&encode(&session)), Ok(session));
+                }
+            }
+
+            #[test]
+            fn damaged_records_never_panic(
+                session in any_session(),
+                edits in vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+            ) {
+                let mut bytes = encode(&session);
+                for (at, byte, kind) in edits {
+                    match kind {
+                        0 if !bytes.is_empty() => {
+                            let i = at.index(bytes.len());
+                            bytes[i] = byte;
+                        }
+                        1 => {
+                            let i = at.index(bytes.len() + 1);
+                            bytes.insert(i, byte);
+                        }
+                        _ if !bytes.is_empty() => {
+                            let i = at.index(bytes.len());
+                            bytes.remove(i);
+                        }
+                        _ => {}
+                    }
+                }
+                if let Ok(decoded) = decode(&bytes) {
+                    prop_assert_eq!(decode(&encode(&decoded)), Ok(decoded));
+                }
+            }
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! binary.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -63,6 +64,9 @@ impl SqliteTier {
             // 1 MiB of page cache per connection instead of 2: reads are
             // misses of the fast tier, and the OS caches the file anyway.
             .pragma("cache_size", "-1024");
+        if let Some(path) = database_file(url, &options) {
+            create_private(path)?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -77,6 +81,62 @@ impl SqliteTier {
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+}
+
+/// The file behind `url`, when it is one on disk (not `:memory:`, not
+/// `mode=memory`, not read-only).
+fn database_file<'a>(url: &str, options: &'a SqliteConnectOptions) -> Option<&'a Path> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let in_memory_or_read_only = query
+        .split('&')
+        .any(|pair| matches!(pair, "mode=memory" | "mode=ro"));
+    let path = options.get_filename();
+    // sqlx names its in-memory databases `file:sqlx-in-memory-N`.
+    let named_in_memory =
+        path.as_os_str() == ":memory:" || path.to_str().is_some_and(|p| p.starts_with("file:"));
+    (!in_memory_or_read_only && !named_in_memory && !path.as_os_str().is_empty()).then_some(path)
+}
+
+/// Creates the database file owner-only before SQLite opens it: it holds
+/// the token MAC key and every session. SQLite gives the `-wal` and `-shm`
+/// files it creates later the database file's mode, so they are 0600 too.
+/// An existing file keeps its mode (the operator's choice; [`key_file_readable_by_others`]
+/// makes start-up say so).
+fn create_private(path: &Path) -> StoreResult<()> {
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    match open.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Unavailable {
+            tier: TIER,
+            message: format!("cannot create {}: {e}", path.display()),
+        }),
+    }
+}
+
+/// When the durable tier is a SQLite file that users other than its owner
+/// can read (mode & 0o077 != 0), its path and mode: the token MAC key kept
+/// in it is then readable by them.
+pub(crate) fn key_file_readable_by_others(url: &str) -> Option<(PathBuf, u32)> {
+    if !url.starts_with("sqlite:") {
+        return None;
+    }
+    let options = SqliteConnectOptions::from_str(url).ok()?;
+    let path = database_file(url, &options)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| (path.to_path_buf(), mode))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
     }
 }
 
@@ -314,5 +374,51 @@ impl DurableTier for SqliteTier {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(url: &str) -> Option<PathBuf> {
+        let options = SqliteConnectOptions::from_str(url).unwrap();
+        database_file(url, &options).map(Path::to_path_buf)
+    }
+
+    #[test]
+    fn only_files_on_disk_are_created() {
+        assert_eq!(file_of("sqlite://sg.db"), Some(PathBuf::from("sg.db")));
+        assert_eq!(
+            file_of("sqlite:///var/lib/sg/sg.db?mode=rwc"),
+            Some(PathBuf::from("/var/lib/sg/sg.db"))
+        );
+        assert_eq!(file_of("sqlite::memory:"), None);
+        assert_eq!(file_of("sqlite://sg.db?mode=memory"), None);
+        assert_eq!(file_of("sqlite://sg.db?mode=ro"), None);
+    }
+
+    #[test]
+    fn a_new_file_is_owner_only_and_an_old_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("new.db");
+        create_private(&new).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&new), 0o600);
+        let url = format!("sqlite://{}", new.display());
+        assert_eq!(key_file_readable_by_others(&url), None);
+
+        let old = dir.path().join("old.db");
+        std::fs::write(&old, b"").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o640)).unwrap();
+        create_private(&old).unwrap();
+        assert_eq!(mode(&old), 0o640);
+        let url = format!("sqlite://{}", old.display());
+        assert_eq!(key_file_readable_by_others(&url), Some((old, 0o640)));
+        assert_eq!(
+            key_file_readable_by_others("postgres://u@localhost/db"),
+            None
+        );
     }
 }

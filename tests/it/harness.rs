@@ -1062,3 +1062,263 @@ impl GatewaySpec {
         self
     }
 }
+
+// ---------------------------------------------------------------------------
+// Real origins for the security suite (installed by scripts/services.sh)
+// ---------------------------------------------------------------------------
+
+/// What nginx answers on `/secret` and `/secret/...`.
+pub const NGINX_SECRET: &str = "NGINX-SECRET";
+/// What nginx answers on everything under `/app/`.
+pub const NGINX_APP_SECRET: &str = "NGINX-APP-SECRET";
+/// What nginx answers under `/public/`.
+pub const NGINX_PUBLIC: &str = "NGINX-PUBLIC";
+
+/// A real nginx (Debian's package) on 127.0.0.1:<free port>, with a
+/// generated config in a temp dir and otherwise shipped defaults
+/// (`merge_slashes on`, its own URI decoding). Locations:
+/// `= /secret` and `/secret/` → `NGINX-SECRET uri=<uri>`,
+/// `/app/` → `NGINX-APP-SECRET uri=<uri>`,
+/// `= /public/login?user=U` → `x-sessiongate-login: U`,
+/// `/public/` → `NGINX-PUBLIC uri=<uri>`, `/` → `NGINX-HOME uri=<uri>`.
+/// One process (`master_process off`), killed by pid on drop.
+pub struct NginxOrigin {
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+    dir: TempDir,
+}
+
+fn nginx_binary() -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("nginx"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/sbin/nginx")])
+        .find(|p| p.is_file())
+        .expect("nginx is not installed: run scripts/services.sh")
+}
+
+fn nginx_config(dir: &std::path::Path, port: u16) -> String {
+    let d = dir.display();
+    format!(
+        r#"worker_processes 1;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    default_type text/plain;
+    server {{
+        listen 127.0.0.1:{port};
+        location = /secret {{ return 200 "{NGINX_SECRET} uri=$uri\n"; }}
+        location /secret/ {{ return 200 "{NGINX_SECRET} uri=$uri\n"; }}
+        location /app/ {{ return 200 "{NGINX_APP_SECRET} uri=$uri\n"; }}
+        location = /public/login {{
+            add_header x-sessiongate-login $arg_user;
+            return 200 "NGINX-LOGIN\n";
+        }}
+        location /public/ {{ return 200 "{NGINX_PUBLIC} uri=$uri\n"; }}
+        location / {{ return 200 "NGINX-HOME uri=$uri\n"; }}
+    }}
+}}
+"#
+    )
+}
+
+impl NginxOrigin {
+    pub async fn start() -> NginxOrigin {
+        let binary = nginx_binary();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The port is picked free and then bound by nginx: another test may
+        // take it in between, so a bind failure is retried on a new port.
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = dir.path().join("nginx.conf");
+            std::fs::write(&conf, nginx_config(dir.path(), port)).expect("write nginx.conf");
+            let global = format!(
+                "daemon off; master_process off; pid {}/nginx.pid;",
+                dir.path().display()
+            );
+            let mut child = tokio::process::Command::new(&binary)
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&conf)
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .arg("-g")
+                .arg(&global)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn nginx");
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            if wait_listening(addr, &mut child).await {
+                return NginxOrigin { addr, child, dir };
+            }
+        }
+        let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+        panic!("nginx did not start; error.log:\n{log}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// nginx's access log so far (for assertion messages).
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NginxOrigin {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Waits (up to 10 s) until `addr` accepts connections; false when the
+/// child exited first (e.g. its port was taken).
+async fn wait_listening(addr: SocketAddr, child: &mut tokio::process::Child) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.start_kill();
+    false
+}
+
+/// Hypercorn serving `tests/origins/echo_asgi.py` on 127.0.0.1:<port it
+/// picked>: HTTP/1.1, `Upgrade: h2c` and HTTP/2 with prior knowledge. Each
+/// request is answered with, and logged as, a JSON echo of what the ASGI
+/// server decoded (`method`, `path`, `raw_path`, `http_version`,
+/// `headers` as `[name, value]` pairs, `environ` as CGI/WSGI would name
+/// them); `/public/login?user=U` also answers `x-sessiongate-login: U`.
+/// Killed by pid on drop.
+pub struct H2cOrigin {
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+/// The Python with Hypercorn: scripts/services.sh's venv, else `python3`.
+fn origin_python() -> std::path::PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python");
+    if venv.is_file() {
+        venv
+    } else {
+        "python3".into()
+    }
+}
+
+impl H2cOrigin {
+    pub async fn start() -> H2cOrigin {
+        use tokio::io::AsyncBufReadExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("seen.jsonl");
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/origins/echo_asgi.py");
+        let mut child = tokio::process::Command::new(origin_python())
+            .arg(&script)
+            .arg("--log")
+            .arg(&log)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the Hypercorn origin (run scripts/services.sh)");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("Hypercorn origin printed its port within 20 s")
+            .expect("read the origin's stdout")
+            .expect("Hypercorn origin exited before listening (is hypercorn installed? run scripts/services.sh)");
+        let port: u16 = first
+            .strip_prefix("PORT ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from the origin: {first:?}"));
+        H2cOrigin {
+            addr: ([127, 0, 0, 1], port).into(),
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request the origin has received so far, in order.
+    pub fn seen(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The requests the origin received for exactly `path`.
+    pub fn seen_path(&self, path: &str) -> Vec<Value> {
+        self.seen()
+            .into_iter()
+            .filter(|r| r["path"] == path)
+            .collect()
+    }
+
+    /// Waits (up to 10 s) until the origin has logged a request for `path`.
+    pub async fn wait_for_path(&self, path: &str) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.seen_path(path).pop() {
+                return Some(r);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for H2cOrigin {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// The value of header `name` (case-insensitive) in an [`H2cOrigin`] echo's
+/// `[name, value]` pairs, joined with ", " when repeated.
+pub fn origin_header(seen: &Value, name: &str) -> Option<String> {
+    let values: Vec<&str> = seen["headers"]
+        .as_array()?
+        .iter()
+        .filter(|pair| {
+            pair[0]
+                .as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
+        .filter_map(|pair| pair[1].as_str())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
