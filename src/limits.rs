@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
@@ -105,9 +105,27 @@ fn client_key(ip: IpAddr) -> IpAddr {
 // Per client connection: requests and upstream requests in flight
 // ---------------------------------------------------------------------------
 
+/// What an accepted connection holds of its listener's budgets: a place
+/// under `max_connections` and one of its client's connections.
+pub(crate) struct ConnBudget {
+    _listener: OwnedSemaphorePermit,
+    _client: ClientSlot,
+}
+
+impl ConnBudget {
+    pub(crate) fn new(listener: OwnedSemaphorePermit, client: ClientSlot) -> ConnBudget {
+        ConnBudget {
+            _listener: listener,
+            _client: client,
+        }
+    }
+}
+
 /// What one client connection's requests share: how many are being
-/// handled (for the idle watchdog) and how many upstream requests they
-/// have in flight (bounded by `server.max_upstream_per_connection`).
+/// handled (for the idle watchdog), how many upstream requests they have
+/// in flight (bounded by `server.max_upstream_per_connection`), and the
+/// connection's budget, given back when the last holder is gone (the
+/// connection, a request still running, or a WebSocket tunnel it became).
 pub(crate) struct ConnState {
     /// Low 32 bits: requests being handled; high 32 bits: requests begun
     /// (wrapping), so the watchdog can tell "still idle" from "busy and
@@ -116,6 +134,7 @@ pub(crate) struct ConnState {
     upstream: AtomicUsize,
     max_upstream: usize,
     upstream_freed: Notify,
+    _budget: Option<ConnBudget>,
 }
 
 /// A request being handled on a connection; ends when dropped.
@@ -130,12 +149,13 @@ pub(crate) struct UpstreamSlot {
 }
 
 impl ConnState {
-    pub(crate) fn new(max_upstream: usize) -> Arc<ConnState> {
+    pub(crate) fn new(max_upstream: usize, budget: Option<ConnBudget>) -> Arc<ConnState> {
         Arc::new(ConnState {
             requests: AtomicU64::new(0),
             upstream: AtomicUsize::new(0),
             max_upstream,
             upstream_freed: Notify::new(),
+            _budget: budget,
         })
     }
 
@@ -359,7 +379,7 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_slots_are_bounded_and_handed_on() {
-        let conn = ConnState::new(2);
+        let conn = ConnState::new(2, None);
         let a = conn.upstream_slot().await;
         let _b = conn.upstream_slot().await;
         assert!(conn.activity().1);
@@ -380,7 +400,7 @@ mod tests {
 
     #[test]
     fn activity_tells_idle_from_busy_and_idle_again() {
-        let conn = ConnState::new(1);
+        let conn = ConnState::new(1, None);
         let before = conn.activity();
         assert!(!before.1);
         let guard = conn.begin_request();

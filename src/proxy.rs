@@ -32,7 +32,7 @@ use crate::error::ProxyError;
 use crate::headers::{
     self as h, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
-use crate::limits::{ConnState, LimitedBody};
+use crate::limits::{ConnBudget, ConnState, LimitedBody};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::{AccessOutcome, Policies, Refusal, RequestInfo};
 use crate::session::{self, Session};
@@ -314,6 +314,9 @@ impl Gateway {
                 }
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let request_id = request_id_text(request_id).to_string();
+                // The tunnel is still the client's connection: it keeps
+                // its place under the connection caps until it ends.
+                let connection = peer.conn.clone();
                 tokio::spawn(async move {
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client, upstream)) => {
@@ -323,6 +326,7 @@ impl Gateway {
                         }
                         Err(e) => tracing::warn!(request_id, error = %e, "upgrade failed"),
                     }
+                    drop(connection);
                 });
                 let (mut parts, _) = resp.into_parts();
                 h::strip_hop_by_hop(&mut parts.headers, true);
@@ -709,12 +713,22 @@ impl Peer {
     /// A peer whose connection may have at most `max_upstream` upstream
     /// requests in flight (`server.max_upstream_per_connection`).
     pub fn with_upstream_limit(addr: SocketAddr, max_upstream: usize) -> Peer {
+        Peer::for_connection(addr, max_upstream, None)
+    }
+
+    /// The peer of an accepted connection, which holds `budget` for as
+    /// long as anything of it lives.
+    pub(crate) fn for_connection(
+        addr: SocketAddr,
+        max_upstream: usize,
+        budget: Option<ConnBudget>,
+    ) -> Peer {
         let ip =
             HeaderValue::from_str(&addr.ip().to_string()).expect("an IP address is header-safe");
         Peer {
             addr,
             ip,
-            conn: ConnState::new(max_upstream),
+            conn: ConnState::new(max_upstream, budget),
         }
     }
 }

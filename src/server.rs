@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::admin::Admin;
 use crate::body::Body;
 use crate::config::{Config, ServerConfig, redact_url};
-use crate::limits::ClientCounts;
+use crate::limits::{ClientCounts, ConnBudget};
 use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyChain};
 use crate::proxy::{Gateway, Peer};
@@ -506,7 +506,7 @@ async fn serve<F, Fut>(
             handler.clone(),
             limits,
             phase.subscribe(),
-            (permit, client_slot),
+            ConnBudget::new(permit, client_slot),
         ));
     }
     drop(listener);
@@ -524,16 +524,17 @@ async fn serve<F, Fut>(
 /// Serves one connection: its first bytes must come within
 /// `limits.first_byte`, and a watchdog closes it once it has had no
 /// request in flight for `limits.idle` (HTTP/1 keep-alive, HTTP/2, or an
-/// HTTP/2 header block that never ends). `_held` (the listener's permit,
-/// the client's slot) is given back when it ends.
-async fn connection<F, Fut, H>(
+/// HTTP/2 header block that never ends). `budget` (its place under the
+/// listener's caps) is given back once nothing of the connection is left,
+/// a WebSocket tunnel it became included.
+async fn connection<F, Fut>(
     stream: TcpStream,
     peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
     handler: F,
     limits: ConnLimits,
     mut phase: watch::Receiver<Phase>,
-    _held: H,
+    budget: ConnBudget,
 ) where
     F: Fn(Request<Incoming>, &Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
@@ -554,7 +555,7 @@ async fn connection<F, Fut, H>(
         _ = phase.changed() => return,
     };
 
-    let client = Peer::with_upstream_limit(peer, limits.max_upstream);
+    let client = Peer::for_connection(peer, limits.max_upstream, Some(budget));
     let state = client.conn.clone();
     let service = service_fn(move |req| {
         let request = client.conn.begin_request();

@@ -167,6 +167,7 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 const SETTINGS: u8 = 0x4;
 const HEADERS: u8 = 0x1;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -596,4 +597,75 @@ async fn idle_sockets_do_not_starve_the_admin_listener() {
         .expect("/healthz answered while 70 idle sockets were open to it")
         .unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_tunnels_keep_their_place_under_the_connection_caps() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let up = TestUpstream::start().await;
+    let gw = gateway(
+        GatewaySpec::standard(&up.url()),
+        "max_connections_per_client = 2\nfirst_byte_timeout_ms = 60000\nidle_timeout_ms = 60000",
+        "",
+    )
+    .await;
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let request = format!("ws://{}/public/ws", gw.addr)
+            .into_client_request()
+            .unwrap();
+        let (ws, resp) = tokio::time::timeout(BOUND, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake in time")
+            .expect("handshake succeeds");
+        assert_eq!(resp.status(), 101);
+        tunnels.push(ws);
+    }
+    // Two tunnels are two connections: a third is refused at once.
+    let mut third = TcpStream::connect(gw.addr).await.unwrap();
+    assert!(
+        is_closed_within(&mut third, BOUND).await,
+        "upgraded connections stopped counting against the cap"
+    );
+    // A tunnel that ends gives its place back.
+    drop(tunnels.pop());
+    let deadline = Instant::now() + BOUND;
+    while try_get(gw.addr).await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the closed tunnel's place never came back"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_answering_pings_is_closed_even_while_busy() {
+    let up = TestUpstream::start().await;
+    let gw = gateway(
+        GatewaySpec::standard(&up.url()),
+        "http2_keepalive_interval_ms = 200\nhttp2_keepalive_timeout_ms = 200\nidle_timeout_ms = 60000",
+        "",
+    )
+    .await;
+    let mut stream = h2_connection(gw.addr).await;
+    // A request still in flight, so the idle timeout cannot be what
+    // closes the connection; then no PING is ever answered.
+    let mut block = vec![0x82, 0x86, 0x44, 22];
+    block.extend_from_slice(b"/public/slow?ms=30000&");
+    block.extend_from_slice(&[0x41, 9]);
+    block.extend_from_slice(b"localhost");
+    stream
+        .write_all(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
+        .await
+        .unwrap();
+    let (got, _) = closed_within(&mut stream, BOUND).await;
+    let frames = frames(&got);
+    assert!(
+        frames.iter().any(|(kind, _)| *kind == PING),
+        "the gateway pinged: {frames:?}"
+    );
+    assert!(
+        !frames.contains(&(HEADERS, 1)),
+        "the slow request was answered"
+    );
 }
