@@ -10,6 +10,7 @@
 //! | --- | --- |
 //! | [`config`] | `gateway.toml` + `SESSIONGATE_*` → a validated [`config::Config`] |
 //! | [`server`] | stores, listeners, connection cap, background tasks, graceful shutdown |
+//! | [`path`] | the request path's one normal form (what is routed on, logged and forwarded), or 400 |
 //! | [`proxy`] | the request path: route → authenticate → rewrite → forward → respond |
 //! | [`upstream`] | pooled upstream clients, round robin, skipping refused URLs |
 //! | `limits` | per-client connection cap, upstream requests per connection, request body size and pace |
@@ -46,6 +47,7 @@ pub mod error;
 pub mod headers;
 pub(crate) mod limits;
 pub mod metrics;
+pub mod path;
 pub mod policy;
 pub mod proxy;
 pub mod server;
