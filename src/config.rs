@@ -864,6 +864,14 @@ impl Config {
             let prefix = r.prefix.unwrap_or_default();
             if !prefix.starts_with('/') {
                 v.problem(key("prefix"), "must start with '/'");
+            } else if !crate::path::is_route_prefix(&prefix) {
+                // Requests are routed on their normal form: a prefix in
+                // any other would never match, or match less than meant.
+                v.problem(
+                    key("prefix"),
+                    "must be a normalized path of letters, digits, '-', '.', '_', '~' and '/' \
+                     (no \"//\", no \".\" or \"..\" segments, no percent-encoding)",
+                );
             } else if !prefixes.insert(prefix.clone()) {
                 v.problem(key("prefix"), format!("{prefix:?} is used by two routes"));
             }
@@ -1180,6 +1188,18 @@ mod tests {
             assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
         }
         assert!(err.to_string().starts_with("<inline>: key `"));
+    }
+
+    #[test]
+    fn route_prefixes_must_be_in_normal_form() {
+        for bad in ["/app//", "/a/../b/", "/%61pp/", "/a:b/"] {
+            let text = format!(
+                "[[upstreams]]\nname = \"app\"\nurls = [\"http://127.0.0.1:3000\"]\n\
+                 [[routes]]\nprefix = {bad:?}\nupstream = \"app\"\n"
+            );
+            let err = Config::from_toml_str(&text).unwrap_err();
+            assert_eq!(err.problems()[0].key, "routes[0].prefix", "{bad:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //!
 //! Phases, in the order they run for each request:
 //!
-//! 1. **route** — the longest matching prefix picks the route (404 if none).
+//! 1. **route** — the path is normalized ([`crate::path`]; 400 if it is
+//!    ambiguous, or for a CONNECT / `OPTIONS *` target) and from then on
+//!    the request carries only that path; the longest matching prefix
+//!    picks the route (404 if none).
 //! 2. **authenticate** — the token is taken from `Authorization: Bearer` or
 //!    the session cookie, checked for shape and MAC (no store is asked for
 //!    a malformed one), then looked up in the hybrid store. What a failure
@@ -17,13 +20,15 @@
 //! 5. **respond** — the `x-sessiongate-*` headers of the response begin or
 //!    end sessions and are removed; the result is logged and counted.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body};
@@ -118,8 +123,9 @@ impl Gateway {
                 config: r.clone(),
             })
             .collect();
-        // Longest prefix first, so the first match is the most specific.
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        // Longest prefix first, so the first match is the most specific;
+        // of two of one length, the exact-case one.
+        routes.sort_by_key(|r| (std::cmp::Reverse(r.prefix.len()), r.case_insensitive));
         let upstreams = config.upstreams.iter().map(Upstream::new).collect();
         Gateway {
             config,
@@ -132,8 +138,19 @@ impl Gateway {
         }
     }
 
+    /// The route of a normalized path. Prefixes hold only unreserved
+    /// characters and `/` (config validation), so matching the normal
+    /// form is matching what the upstream decodes it to.
     fn route(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| path.starts_with(&r.prefix))
+        self.routes.iter().find(|r| {
+            if r.case_insensitive {
+                path.as_bytes()
+                    .get(..r.prefix.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(r.prefix.as_bytes()))
+            } else {
+                path.starts_with(&r.prefix)
+            }
+        })
     }
 
     /// Handles one request from a client at `peer`. Never fails: every
@@ -141,7 +158,7 @@ impl Gateway {
     ///
     /// Generic over the request body so that the whole path can also be
     /// driven in-process (benches), not only by hyper's server.
-    pub async fn handle<B>(self: Arc<Self>, req: Request<B>, peer: Peer) -> Response<Body>
+    pub async fn handle<B>(self: Arc<Self>, mut req: Request<B>, peer: Peer) -> Response<Body>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
         B::Error: Into<body::BoxError>,
@@ -149,6 +166,17 @@ impl Gateway {
         let started = Instant::now();
         let request_id = request_id(req.headers());
         let method = req.method().clone();
+        // From here on the request carries only its normalized path:
+        // routing, the log line, the policies and the upstream see one
+        // path. A refused one is logged as it came.
+        let invalid = match normalized_uri(&method, req.uri()) {
+            Ok(Some(uri)) => {
+                *req.uri_mut() = uri;
+                None
+            }
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
         // A shared handle on the request's bytes, not a copy.
         let uri = req.uri().clone();
         let path = uri.path();
@@ -157,7 +185,11 @@ impl Gateway {
             route: "-",
             session_id: None,
         };
-        let mut resp = match self.proxy(req, peer, &request_id, &mut outcome).await {
+        let result = match invalid {
+            Some(e) => Err(e),
+            None => self.proxy(req, peer, &request_id, &mut outcome).await,
+        };
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
                 if e.is_auth_failure() {
@@ -658,6 +690,34 @@ impl RequestContext {
     }
 }
 
+/// The request's URI with its path in normal form, `None` when it
+/// already is (nearly always: then nothing is copied), or
+/// [`ProxyError::InvalidPath`] for an ambiguous path and for targets that
+/// are not paths (CONNECT's authority form, `OPTIONS *`).
+fn normalized_uri(method: &Method, uri: &Uri) -> Result<Option<Uri>, ProxyError> {
+    if method == Method::CONNECT {
+        return Err(ProxyError::InvalidPath);
+    }
+    let path = match crate::path::normalize(uri.path()) {
+        Ok(Cow::Borrowed(_)) => return Ok(None),
+        Ok(Cow::Owned(path)) => path,
+        Err(reason) => {
+            tracing::debug!(%reason, "request path refused");
+            return Err(ProxyError::InvalidPath);
+        }
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(path_and_query).map_err(|_| ProxyError::InvalidPath)?);
+    Uri::from_parts(parts)
+        .map(Some)
+        .map_err(|_| ProxyError::InvalidPath)
+}
+
 fn store_down(e: crate::store::StoreError) -> ProxyError {
     tracing::error!(error = %e, "session store write failed");
     ProxyError::StoreUnavailable
@@ -769,6 +829,34 @@ mod tests {
             HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
         );
         assert_eq!(request_id_text(&request_id(&h)).len(), 36);
+    }
+
+    #[test]
+    fn the_uri_carries_the_normalized_path_and_the_query_unchanged() {
+        let get = Method::GET;
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        assert_eq!(normalized_uri(&get, &uri("/public/x?a=%2e%2e")).unwrap(), None);
+        let abs = normalized_uri(&get, &uri("http://h:1/public/../secret?q=/../%2f"));
+        assert_eq!(
+            abs.unwrap().unwrap().to_string(),
+            "http://h:1/secret?q=/../%2f"
+        );
+        let origin = normalized_uri(&get, &uri("//%61pp/./x/"));
+        assert_eq!(origin.unwrap().unwrap().to_string(), "/app/x/");
+        for target in ["/app%2fx", "/a/%2e%2e/b", "*"] {
+            assert!(matches!(
+                normalized_uri(&get, &uri(target)),
+                Err(ProxyError::InvalidPath)
+            ));
+        }
+        assert!(matches!(
+            normalized_uri(&Method::CONNECT, &uri("example.com:443")),
+            Err(ProxyError::InvalidPath)
+        ));
+        assert!(matches!(
+            normalized_uri(&Method::OPTIONS, &uri("*")),
+            Err(ProxyError::InvalidPath)
+        ));
     }
 
     #[test]
