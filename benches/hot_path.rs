@@ -1,7 +1,8 @@
 //! The hot path, piece by piece: token verification, each store path of a
 //! session lookup, one policy hook call, the whole authentication step,
-//! the header rewriting, and a whole request through the gateway's
-//! service in-process (to an upstream on loopback).
+//! the header rewriting, a whole request through the gateway's
+//! service in-process (to an upstream on loopback), and path
+//! normalization.
 //!
 //! Run with `cargo bench --bench hot_path` (Redis and PostgreSQL from
 //! `scripts/services.sh` for the shared-store cases, plugins from
@@ -356,5 +357,19 @@ auth = "required"
     );
 }
 
-criterion_group!(benches, tokens, lookups, policies, gateway);
+/// Path normalization, on every request: the common clean path (one pass,
+/// borrowed) and a dirty one (decoded, dot segments resolved, copied).
+fn paths(c: &mut Criterion) {
+    use sessiongate::path::normalize;
+    let clean = "/app/dashboard/projects/1234/settings";
+    c.bench_function("normalize/clean", |b| {
+        b.iter(|| normalize(std::hint::black_box(clean)).unwrap())
+    });
+    let dirty = "/public/./x/..//%61pp/dashboard/%7euser/caf%c3%a9/../settings";
+    c.bench_function("normalize/dirty", |b| {
+        b.iter(|| normalize(std::hint::black_box(dirty)).unwrap())
+    });
+}
+
+criterion_group!(benches, tokens, lookups, policies, gateway, paths);
 criterion_main!(benches);
