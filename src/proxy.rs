@@ -835,7 +835,10 @@ mod tests {
     fn the_uri_carries_the_normalized_path_and_the_query_unchanged() {
         let get = Method::GET;
         let uri = |s: &str| s.parse::<Uri>().unwrap();
-        assert_eq!(normalized_uri(&get, &uri("/public/x?a=%2e%2e")).unwrap(), None);
+        assert_eq!(
+            normalized_uri(&get, &uri("/public/x?a=%2e%2e")).unwrap(),
+            None
+        );
         let abs = normalized_uri(&get, &uri("http://h:1/public/../secret?q=/../%2f"));
         assert_eq!(
             abs.unwrap().unwrap().to_string(),

@@ -226,7 +226,15 @@ async fn climbing_out_of_a_public_route_never_serves_a_protected_one() {
         assert_eq!(raw(&up, &gw, "GET", &absolute, None, "").await.status, 401);
     }
     // The login redirect is looked up on the normalized path too.
-    let a = raw(&up, &gw, "GET", "/public/../web/x", None, "Accept: text/html\r\n").await;
+    let a = raw(
+        &up,
+        &gw,
+        "GET",
+        "/public/../web/x",
+        None,
+        "Accept: text/html\r\n",
+    )
+    .await;
     assert_eq!(a.status, 302, "{}", String::from_utf8_lossy(&a.body));
     // The public route itself still works.
     let a = raw(&up, &gw, "GET", "/public/hello", None, "").await;
@@ -271,7 +279,15 @@ async fn accepted_paths_arrive_normalized_with_the_query_unchanged() {
         assert_eq!(a.json()["query"], query, "{target}");
     }
     // With a session, climbing out of /public/ is simply a request for /secret.
-    let a = raw(&up, &gw, "GET", "/public/../secret?a=/../b", Some(&token), "").await;
+    let a = raw(
+        &up,
+        &gw,
+        "GET",
+        "/public/../secret?a=/../b",
+        Some(&token),
+        "",
+    )
+    .await;
     assert_eq!(a.upstream_path(), "/secret");
     assert_eq!(a.json()["query"], "a=/../b");
     assert_eq!(a.json()["headers"]["x-user-id"], "alice");
@@ -292,12 +308,22 @@ async fn spellings_of_a_protected_prefix_need_a_session() {
         "/app//secret",
     ] {
         let a = raw(&up, &gw, "GET", path, None, "").await;
-        assert_eq!(a.status, 401, "{path}: {}", String::from_utf8_lossy(&a.body));
+        assert_eq!(
+            a.status,
+            401,
+            "{path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
         assert_eq!(a.hits, 0, "{path}");
         let absolute = format!("http://{}{path}", gw.addr);
         assert_eq!(raw(&up, &gw, "GET", &absolute, None, "").await.status, 401);
     }
-    for path in ["/app%2fsecret", "/app%2Fsecret", "/app%5csecret", "/app\\secret"] {
+    for path in [
+        "/app%2fsecret",
+        "/app%2Fsecret",
+        "/app%5csecret",
+        "/app\\secret",
+    ] {
         assert_invalid_path(&raw(&up, &gw, "GET", path, None, "").await, path);
     }
     // Case-sensitive by default: /APP/ is not /app/ and goes to `/`.
@@ -317,9 +343,19 @@ async fn spellings_of_a_protected_prefix_need_a_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_case_insensitive_prefix_matches_any_case() {
     let (up, gw) = protected_app(true).await;
-    for path in ["/APP/secret", "/App/secret", "/%41pp/secret", "//aPp/secret"] {
+    for path in [
+        "/APP/secret",
+        "/App/secret",
+        "/%41pp/secret",
+        "//aPp/secret",
+    ] {
         let a = raw(&up, &gw, "GET", path, None, "").await;
-        assert_eq!(a.status, 401, "{path}: {}", String::from_utf8_lossy(&a.body));
+        assert_eq!(
+            a.status,
+            401,
+            "{path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
         assert_eq!(a.hits, 0, "{path}");
     }
     let a = raw(&up, &gw, "GET", "/apple", None, "").await;
@@ -367,7 +403,14 @@ async fn http2_cleartext_paths_are_normalized_the_same_way() {
         let a = h2(&up, &gw, Method::GET, &format!("{base}{path}"), None).await;
         assert_invalid_path(&a, &format!("h2 {path}"));
     }
-    let a = h2(&up, &gw, Method::GET, &format!("{base}/public/../secret"), None).await;
+    let a = h2(
+        &up,
+        &gw,
+        Method::GET,
+        &format!("{base}/public/../secret"),
+        None,
+    )
+    .await;
     assert_eq!(a.status, 401);
 
     let token = gw.login("alice").await;
@@ -375,7 +418,14 @@ async fn http2_cleartext_paths_are_normalized_the_same_way() {
     let a = h2(&up, &gw, Method::GET, &uri, Some(&token)).await;
     assert_eq!(a.upstream_path(), "/public/echo");
     assert_eq!(a.json()["query"], "x=%2e%2e");
-    let a = h2(&up, &gw, Method::GET, &format!("{base}/public/../secret"), Some(&token)).await;
+    let a = h2(
+        &up,
+        &gw,
+        Method::GET,
+        &format!("{base}/public/../secret"),
+        Some(&token),
+    )
+    .await;
     assert_eq!(a.upstream_path(), "/secret");
     assert_eq!(a.json()["headers"]["x-user-id"], "alice");
 
