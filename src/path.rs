@@ -85,6 +85,11 @@ fn is_normal(b: &[u8]) -> bool {
     let mut segment = 1;
     let mut i = 1;
     while i < n {
+        // Most bytes need no attention: skip them with one table lookup.
+        if PLAIN[usize::from(b[i])] {
+            i += 1;
+            continue;
+        }
         match b[i] {
             b'/' => {
                 if i == segment || is_dot_like(&b[segment..i]) {
@@ -107,6 +112,17 @@ fn is_normal(b: &[u8]) -> bool {
     }
     !is_dot_like(&b[segment..])
 }
+
+/// Bytes [`is_normal`] can pass over: all but `/`, `%`, `\\` and controls.
+const PLAIN: [bool; 256] = {
+    let mut t = [true; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = !matches!(c as u8, b'/' | b'%' | b'\\' | 0..0x20 | 0x7F);
+        c += 1;
+    }
+    t
+};
 
 fn normalize_slow(b: &[u8]) -> Result<String, InvalidPath> {
     // Decoding and dot removal only ever shorten the path.
