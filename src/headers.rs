@@ -1,6 +1,7 @@
 //! Header names the gateway reads, sets or removes, as constants, and the
 //! rewriting of headers between client and upstream.
 
+use http::Uri;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -268,6 +269,79 @@ pub fn scrub_request_names(
     Ok(())
 }
 
+/// What [`rewrite_request`] needs to know: the gateway's config and the
+/// request's own facts.
+pub struct RequestRewrite<'a> {
+    pub user_header: &'a HeaderName,
+    pub session_header: &'a HeaderName,
+    /// `session.lookalike_headers = "reject"`.
+    pub reject_lookalikes: bool,
+    /// The session cookie to keep from the upstream, with our tokens in
+    /// `Authorization`; `None` with `session.forward_token`.
+    pub cookie_name: Option<&'a str>,
+    /// The request is a WebSocket handshake ([`websocket_key`]): its
+    /// `Upgrade` stays.
+    pub upgrade: bool,
+    pub uri: &'a Uri,
+    /// The client's address, for `x-forwarded-for`.
+    pub peer_ip: &'a HeaderValue,
+    pub request_id: &'a HeaderValue,
+}
+
+/// Rewrites a client's request headers for the upstream: hop-by-hop
+/// headers go; whatever the client claims about identity, forwarding or
+/// the path goes, under its own name or one a CGI-style server reads the
+/// same; our tokens go (unless forwarded by config; `carries_our_token`
+/// says which `Authorization` values hold one); the forwarding headers
+/// and the request id are set. The identity headers are the caller's to
+/// set afterwards.
+///
+/// Fails, with the offending name, only when `reject_lookalikes` and a
+/// look-alike of a gateway-owned header is present.
+pub fn rewrite_request(
+    headers: &mut HeaderMap,
+    rewrite: &RequestRewrite<'_>,
+    carries_our_token: impl Fn(&HeaderValue) -> bool,
+) -> Result<(), HeaderName> {
+    strip_hop_by_hop(headers, rewrite.upgrade);
+    // x-forwarded-* and x-request-id are overwritten below.
+    scrub_request_names(
+        headers,
+        &[
+            rewrite.user_header,
+            rewrite.session_header,
+            &FORWARDED,
+            &X_REAL_IP,
+        ],
+        &[
+            rewrite.user_header.as_str(),
+            rewrite.session_header.as_str(),
+        ],
+        rewrite.reject_lookalikes,
+    )?;
+    if let Some(cookie_name) = rewrite.cookie_name {
+        remove_cookie(headers, cookie_name);
+        remove_authorization_if(headers, carries_our_token);
+    }
+    let host = headers.get(header::HOST).cloned().or_else(|| {
+        rewrite
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+        // HTTP/2 requests carry the host in :authority only.
+        headers.entry(header::HOST).or_insert(host);
+    } else {
+        headers.remove(X_FORWARDED_HOST);
+    }
+    headers.insert(X_FORWARDED_FOR, rewrite.peer_ip.clone());
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(X_REQUEST_ID, rewrite.request_id.clone());
+    Ok(())
+}
+
 /// Each `name=value` pair of the request's `Cookie` headers, trimmed.
 fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
     headers
@@ -497,5 +571,434 @@ mod tests {
             Some("abc")
         );
         assert_eq!(bearer_token(&map(&[("authorization", "Basic abc")])), None);
+    }
+
+    #[test]
+    fn only_a_lone_websocket_upgrade_with_a_key_is_a_handshake() {
+        let key = ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        let conn = ("connection", "keep-alive, Upgrade");
+        assert!(websocket_key(&map(&[conn, ("upgrade", "WebSocket"), key])).is_some());
+        for upgrade in ["h2c", "websocket, h2c", "h2c, websocket", ""] {
+            assert!(
+                websocket_key(&map(&[conn, ("upgrade", upgrade), key])).is_none(),
+                "{upgrade}"
+            );
+        }
+        let two = map(&[conn, ("upgrade", "websocket"), ("upgrade", "h2c"), key]);
+        assert!(websocket_key(&two).is_none());
+        assert!(websocket_key(&map(&[conn, ("upgrade", "websocket")])).is_none());
+        assert!(websocket_key(&map(&[("upgrade", "websocket"), key])).is_none());
+    }
+
+    #[test]
+    fn h2c_upgrade_headers_never_survive() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        // Not named in Connection: removed all the same.
+        let mut h = map(&[("http2-settings", "AAMA"), ("x-kept", "1")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn the_websocket_accept_is_rfc_6455s() {
+        // The example of RFC 6455 §1.3.
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+        let ok = map(&[
+            ("upgrade", "websocket"),
+            ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        ]);
+        assert!(is_websocket_switch(&ok, &key));
+        let wrong = map(&[
+            ("upgrade", "websocket"),
+            ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOx="),
+        ]);
+        assert!(!is_websocket_switch(&wrong, &key));
+        let h2c = map(&[
+            ("upgrade", "h2c"),
+            ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        ]);
+        assert!(!is_websocket_switch(&h2c, &key));
+        assert!(!is_websocket_switch(
+            &map(&[("upgrade", "websocket")]),
+            &key
+        ));
+    }
+
+    #[test]
+    fn set_cookies_for_the_session_cookie_are_dropped() {
+        let mut h = map(&[
+            ("set-cookie", "sg_session=planted; Path=/app"),
+            ("set-cookie", "theme=dark"),
+            ("set-cookie", " sg_session =x"),
+            ("set-cookie", "sg_session2=kept"),
+        ]);
+        remove_set_cookie(&mut h, "sg_session");
+        let left: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(left, ["theme=dark", "sg_session2=kept"]);
+    }
+
+    #[test]
+    fn authorization_headers_are_removed_one_by_one() {
+        let mut h = map(&[
+            ("authorization", "Basic a"),
+            ("authorization", "Bearer ours"),
+            ("authorization", "Basic b"),
+        ]);
+        remove_authorization_if(&mut h, |v| v.as_bytes().ends_with(b"ours"));
+        let left: Vec<_> = h.get_all("authorization").iter().collect();
+        assert_eq!(left, ["Basic a", "Basic b"]);
+        let value = HeaderValue::from_static("Basic x,Bearer  t");
+        let words: Vec<_> = authorization_words(&value).collect();
+        assert_eq!(words, ["Basic", "x", "Bearer", "t"]);
+    }
+}
+
+/// Property tests: the parsers and the rewrite on generated input, fast
+/// enough for every CI run (a few hundred cases each).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SESSION: &str = "sg_session";
+
+    fn config() -> ProptestConfig {
+        ProptestConfig::with_cases(256)
+    }
+
+    /// Cookie names: ours, near misses of ours, and others.
+    fn cookie_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(SESSION.to_string()),
+            Just("SG_SESSION".to_string()),
+            Just("sg_session2".to_string()),
+            Just("sg-session".to_string()),
+            "[A-Za-z0-9_.-]{1,10}",
+        ]
+    }
+
+    /// Cookie values: no `;`, which ends a pair.
+    fn cookie_value() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_=.\"/+-]{0,16}"
+    }
+
+    /// Pairs, and how they are laid out in `Cookie` fields (1 to 3, with
+    /// odd but legal spacing).
+    fn cookie_fields() -> impl Strategy<Value = (Vec<(String, String)>, Vec<String>)> {
+        (
+            prop::collection::vec((cookie_name(), cookie_value()), 0..8),
+            1usize..4,
+            prop::collection::vec("[ \t]{0,2}", 16),
+        )
+            .prop_map(|(pairs, fields, spaces)| {
+                let mut out = vec![String::new(); fields];
+                for (i, (k, v)) in pairs.iter().enumerate() {
+                    let field = &mut out[i % fields];
+                    if !field.is_empty() {
+                        field.push(';');
+                        field.push_str(&spaces[i % spaces.len()]);
+                    }
+                    let around_eq = &spaces[(i + 7) % spaces.len()];
+                    field.push_str(&format!("{k}{around_eq}={around_eq}{v}"));
+                }
+                // The pairs in the order the fields list them.
+                let mut ordered: Vec<(usize, (String, String))> =
+                    pairs.into_iter().enumerate().collect();
+                ordered.sort_by_key(|(i, _)| (i % fields, *i));
+                let pairs = ordered.into_iter().map(|(_, p)| p).collect();
+                (pairs, out.into_iter().filter(|f| !f.is_empty()).collect())
+            })
+    }
+
+    fn with_cookies(fields: &[String]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for f in fields {
+            h.append(header::COOKIE, HeaderValue::from_str(f).unwrap());
+        }
+        h
+    }
+
+    /// Every way to spell `name` that a CGI-style server reads as it:
+    /// any case, and `_` for any `-`.
+    fn spelling_of(name: &'static str) -> impl Strategy<Value = String> {
+        prop::collection::vec((any::<bool>(), any::<bool>()), name.len()).prop_map(move |flips| {
+            name.bytes()
+                .zip(flips)
+                .map(|(b, (upper, underscore))| match b {
+                    b'-' if underscore => '_',
+                    b if upper => b.to_ascii_uppercase() as char,
+                    b => b as char,
+                })
+                .collect()
+        })
+    }
+
+    /// Names the gateway owns, in their own spelling.
+    const OWNED: [&str; 10] = [
+        "x-user-id",
+        "x-session-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "x-request-id",
+        "x-sessiongate-login",
+        "x-sessiongate-attributes",
+        "x-sessiongate-anything",
+    ];
+
+    fn owned_spelling() -> impl Strategy<Value = String> {
+        prop::sample::select(OWNED.to_vec()).prop_flat_map(spelling_of)
+    }
+
+    fn normalized(name: &str) -> String {
+        name.to_ascii_lowercase().replace('_', "-")
+    }
+
+    fn is_owned(name: &str) -> bool {
+        let n = normalized(name);
+        OWNED[..7].contains(&n.as_str()) || n.starts_with(SG_PREFIX)
+    }
+
+    fn is_override(name: &str) -> bool {
+        PATH_OVERRIDES.contains(&normalized(name).as_str())
+    }
+
+    /// Header names a request may carry: owned ones in any spelling, path
+    /// overrides, hop-by-hop ones, and unrelated ones (some with `_`).
+    fn request_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => owned_spelling(),
+            1 => prop::sample::select(PATH_OVERRIDES.to_vec()).prop_flat_map(spelling_of),
+            1 => prop::sample::select(vec!["upgrade", "http2-settings", "te", "keep-alive"])
+                .prop_map(str::to_string),
+            1 => prop::sample::select(vec!["cookie", "authorization", "accept", "host"])
+                .prop_map(str::to_string),
+            4 => "[a-z][a-z0-9_-]{0,14}",
+        ]
+    }
+
+    /// A token-shaped value (ours, for the rewrite's predicate), or not.
+    fn request_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[ -~]{0,20}",
+            "[A-Za-z0-9_-]{64}".prop_map(|t| format!("Bearer {t}")),
+            "[A-Za-z0-9_-]{64}".prop_map(|t| format!("{SESSION}={t}; a=1")),
+        ]
+    }
+
+    fn is_ours(v: &HeaderValue) -> bool {
+        authorization_words(v).any(|w| w.len() == 64)
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn cookie_parsing_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                let mut h = HeaderMap::new();
+                h.append(header::COOKIE, v.clone());
+                h.append(header::COOKIE, v);
+                let _ = cookie_values(&h, SESSION).count();
+                let _ = find_cookie(&h, SESSION);
+                remove_cookie(&mut h, SESSION);
+                prop_assert_eq!(cookie_values(&h, SESSION).count(), 0);
+            }
+        }
+
+        #[test]
+        fn cookies_are_found_in_order((pairs, fields) in cookie_fields()) {
+            let h = with_cookies(&fields);
+            let want: Vec<&str> = pairs
+                .iter()
+                .filter(|(k, _)| k == SESSION)
+                .map(|(_, v)| v.trim_matches('"'))
+                .collect();
+            let got: Vec<&str> = cookie_values(&h, SESSION).collect();
+            prop_assert_eq!(&got, &want);
+            prop_assert_eq!(find_cookie(&h, SESSION), want.first().copied());
+        }
+
+        #[test]
+        fn removing_the_session_cookie_keeps_every_other((pairs, fields) in cookie_fields()) {
+            let mut h = with_cookies(&fields);
+            remove_cookie(&mut h, SESSION);
+            prop_assert_eq!(cookie_values(&h, SESSION).count(), 0);
+            prop_assert!(h.get_all(header::COOKIE).iter().count() <= 1);
+            let left: Vec<(String, String)> = cookie_pairs(&h)
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8(k.to_vec()).unwrap(),
+                        String::from_utf8(v.to_vec()).unwrap(),
+                    )
+                })
+                .collect();
+            let kept: Vec<(String, String)> =
+                pairs.into_iter().filter(|(k, _)| k != SESSION).collect();
+            prop_assert_eq!(left, kept);
+        }
+
+        #[test]
+        fn set_cookie_removal_is_exact(
+            cookies in prop::collection::vec((cookie_name(), cookie_value()), 0..6)
+        ) {
+            let mut h = HeaderMap::new();
+            for (k, v) in &cookies {
+                h.append(header::SET_COOKIE, HeaderValue::from_str(&format!("{k}={v}; Path=/")).unwrap());
+            }
+            remove_set_cookie(&mut h, SESSION);
+            let left: Vec<&[u8]> = h.get_all(header::SET_COOKIE).iter().map(set_cookie_name).collect();
+            let want: Vec<&[u8]> = cookies
+                .iter()
+                .filter(|(k, _)| k != SESSION)
+                .map(|(k, _)| k.as_bytes())
+                .collect();
+            prop_assert_eq!(left, want);
+        }
+
+        #[test]
+        fn bearer_parsing_never_panics_and_reads_any_case(
+            bytes in prop::collection::vec(any::<u8>(), 0..80),
+            scheme in "[bB][eE][aA][rR][eE][rR]",
+            token in "[A-Za-z0-9_-]{1,64}",
+            pad in "[ ]{0,3}",
+        ) {
+            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                let _ = bearer_of(&v);
+                let _ = authorization_words(&v).count();
+            }
+            let v = HeaderValue::from_str(&format!("{scheme} {pad}{token}{pad}")).unwrap();
+            prop_assert_eq!(bearer_of(&v), Some(token.as_str()));
+            let basic = HeaderValue::from_str(&format!("Basic {token}")).unwrap();
+            prop_assert_eq!(bearer_of(&basic), None);
+        }
+
+        #[test]
+        fn every_spelling_of_an_owned_name_is_a_lookalike(name in owned_spelling()) {
+            prop_assert!(is_lookalike(&name, &["x-user-id", "x-session-id"]), "{}", name);
+            let header = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            let identity: [&str; 2] = ["x-user-id", "x-session-id"];
+            let exact = [&HeaderName::from_static("x-user-id"), &HeaderName::from_static("x-session-id")];
+            let mut h = HeaderMap::new();
+            h.insert(header.clone(), HeaderValue::from_static("admin"));
+            let refused = scrub_request_names(&mut h.clone(), &exact, &identity, true);
+            if name.contains('_') {
+                prop_assert_eq!(refused, Err(header));
+            } else {
+                prop_assert!(refused.is_ok());
+            }
+            // Removed, whatever the spelling, unless it is one the
+            // gateway overwrites under its own name.
+            scrub_request_names(&mut h, &exact, &identity, false).unwrap();
+            let lower = name.to_ascii_lowercase();
+            let overwritten = FORWARDING.contains(&lower.as_str());
+            prop_assert_eq!(h.is_empty(), !overwritten, "{}", name);
+        }
+
+        #[test]
+        fn unrelated_names_are_kept(name in "[a-z][a-z0-9_-]{0,20}") {
+            prop_assume!(!is_owned(&name) && !is_override(&name));
+            prop_assert!(!is_lookalike(&name, &["x-user-id", "x-session-id"]));
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("1"));
+            scrub_request_names(&mut h, &[], &["x-user-id", "x-session-id"], true).unwrap();
+            prop_assert_eq!(h.len(), 1);
+        }
+
+        #[test]
+        fn after_the_rewrite_only_the_gateways_own_headers_remain(
+            headers in prop::collection::vec((request_name(), request_value()), 0..12),
+            reject in any::<bool>(),
+            forward_token in any::<bool>(),
+        ) {
+            let mut h = HeaderMap::new();
+            for (k, v) in &headers {
+                h.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            let original = h.clone();
+            let user = HeaderName::from_static("x-user-id");
+            let session = HeaderName::from_static("x-session-id");
+            let uri: Uri = "/app/x".parse().unwrap();
+            let ip = HeaderValue::from_static("192.0.2.1");
+            let id = HeaderValue::from_static("req-1");
+            let rewrite = RequestRewrite {
+                user_header: &user,
+                session_header: &session,
+                reject_lookalikes: reject,
+                cookie_name: (!forward_token).then_some(SESSION),
+                upgrade: false,
+                uri: &uri,
+                peer_ip: &ip,
+                request_id: &id,
+            };
+            let lookalike = headers
+                .iter()
+                .any(|(k, _)| k.contains('_') && is_owned(k));
+            match rewrite_request(&mut h, &rewrite, is_ours) {
+                Err(name) => {
+                    prop_assert!(reject && lookalike, "refused {}", name);
+                    return Ok(());
+                }
+                Ok(()) => prop_assert!(!(reject && lookalike)),
+            }
+            let one = |name: &str| {
+                let mut values = h.get_all(name).iter();
+                (values.next().cloned(), values.next().is_none())
+            };
+            prop_assert_eq!(one("x-forwarded-for"), (Some(ip.clone()), true));
+            prop_assert_eq!(one("x-forwarded-proto"), (Some(HeaderValue::from_static("http")), true));
+            prop_assert_eq!(one("x-request-id"), (Some(id.clone()), true));
+            for (name, value) in h.iter() {
+                let name = name.as_str();
+                prop_assert!(!is_override(name), "{} survived", name);
+                prop_assert!(
+                    !HOP_BY_HOP.iter().any(|hop| hop == name),
+                    "{} survived", name
+                );
+                if is_owned(name) {
+                    prop_assert!(
+                        ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"]
+                            .contains(&name),
+                        "{} survived", name
+                    );
+                }
+                if !forward_token && name == "authorization" {
+                    prop_assert!(!is_ours(value));
+                }
+            }
+            if !forward_token {
+                prop_assert_eq!(cookie_values(&h, SESSION).count(), 0);
+            }
+            // Unrelated headers are kept as they came, unless a
+            // Connection header named them.
+            if !original.contains_key(header::CONNECTION) {
+                for (name, value) in original.iter() {
+                    let n = name.as_str();
+                    if is_owned(n) || is_override(n) || HOP_BY_HOP.contains(name)
+                        || ["cookie", "authorization", "host"].contains(&n) {
+                        continue;
+                    }
+                    prop_assert!(
+                        h.get_all(name).iter().any(|v| v == value),
+                        "{} lost", n
+                    );
+                }
+            }
+        }
     }
 }

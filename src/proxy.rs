@@ -34,9 +34,7 @@ use hyper_util::rt::TokioIo;
 use crate::body::{self, Body};
 use crate::config::{AuthMode, Config, LookalikeHeaders, RouteConfig};
 use crate::error::ProxyError;
-use crate::headers::{
-    self as h, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
-};
+use crate::headers::{self as h, X_REQUEST_ID};
 use crate::limits::{ConnBudget, ConnState, LimitedBody};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::policy::{AccessOutcome, Policies, Refusal, RequestInfo};
@@ -467,45 +465,18 @@ impl Gateway {
         upgrade: bool,
     ) -> Result<(), ProxyError> {
         let session = &self.config.session;
-        h::strip_hop_by_hop(headers, upgrade);
-        // Whatever the client claims about identity or forwarding is
-        // dropped (x-forwarded-* and x-request-id are overwritten below),
-        // under its own name or one a CGI-style server reads the same.
-        let identity = [
-            session.user_header.as_str(),
-            session.session_header.as_str(),
-        ];
-        h::scrub_request_names(
-            headers,
-            &[
-                &session.user_header,
-                &session.session_header,
-                &h::FORWARDED,
-                &h::X_REAL_IP,
-            ],
-            &identity,
-            session.lookalike_headers == LookalikeHeaders::Reject,
-        )
-        .map_err(|name| ProxyError::ForbiddenHeader(name.as_str().to_string()))?;
-        if !session.forward_token {
-            h::remove_cookie(headers, &session.cookie_name);
-            h::remove_authorization_if(headers, |v| self.carries_our_token(v));
-        }
-        let host = headers.get(header::HOST).cloned().or_else(|| {
-            uri.authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        if let Some(host) = host {
-            headers.insert(X_FORWARDED_HOST, host.clone());
-            // HTTP/2 requests carry the host in :authority only.
-            headers.entry(header::HOST).or_insert(host);
-        } else {
-            headers.remove(X_FORWARDED_HOST);
-        }
-        headers.insert(X_FORWARDED_FOR, peer.ip.clone());
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        headers.insert(X_REQUEST_ID, request_id.clone());
-        Ok(())
+        let rewrite = h::RequestRewrite {
+            user_header: &session.user_header,
+            session_header: &session.session_header,
+            reject_lookalikes: session.lookalike_headers == LookalikeHeaders::Reject,
+            cookie_name: (!session.forward_token).then_some(session.cookie_name.as_str()),
+            upgrade,
+            uri,
+            peer_ip: &peer.ip,
+            request_id,
+        };
+        h::rewrite_request(headers, &rewrite, |v| self.carries_our_token(v))
+            .map_err(|name| ProxyError::ForbiddenHeader(name.as_str().to_string()))
     }
 
     /// Sets the identity headers of `session` (public for the benches).
