@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -134,6 +134,11 @@ pub(crate) struct ConnState {
     upstream: AtomicUsize,
     max_upstream: usize,
     upstream_freed: Notify,
+    /// The client socket could not take more bytes at the last write, and
+    /// how many times such a wait has ended: the watchdog's view of a
+    /// client that stops reading its responses.
+    write_blocked: AtomicBool,
+    write_unblocks: AtomicU32,
     _budget: Option<ConnBudget>,
 }
 
@@ -155,6 +160,8 @@ impl ConnState {
             upstream: AtomicUsize::new(0),
             max_upstream,
             upstream_freed: Notify::new(),
+            write_blocked: AtomicBool::new(false),
+            write_unblocks: AtomicU32::new(0),
             _budget: budget,
         })
     }
@@ -171,6 +178,23 @@ impl ConnState {
         let r = self.requests.load(Ordering::Relaxed);
         let busy = r as u32 != 0 || self.upstream.load(Ordering::Relaxed) != 0;
         ((r >> 32) as u32, busy)
+    }
+
+    /// Called by the socket when a write must wait (`true`) or, after
+    /// such a wait, goes through (`false`); not on every write.
+    pub(crate) fn write_waiting(&self, waiting: bool) {
+        self.write_blocked.store(waiting, Ordering::Relaxed);
+        if !waiting {
+            self.write_unblocks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `Some(waits ended so far)` while a write is waiting for the client:
+    /// two equal snapshots mean it has waited all along in between.
+    pub(crate) fn write_stall(&self) -> Option<u32> {
+        self.write_blocked
+            .load(Ordering::Relaxed)
+            .then(|| self.write_unblocks.load(Ordering::Relaxed))
     }
 
     fn try_upstream(&self) -> bool {

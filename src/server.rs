@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::admin::Admin;
 use crate::body::Body;
 use crate::config::{Config, ServerConfig, redact_url};
-use crate::limits::{ClientCounts, ConnBudget};
+use crate::limits::{ClientCounts, ConnBudget, ConnState};
 use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyChain};
 use crate::proxy::{Gateway, Peer};
@@ -510,12 +510,12 @@ async fn serve<F, Fut>(
         ));
     }
     drop(listener);
-    let _ = phase.send(Phase::Draining);
+    phase.send_replace(Phase::Draining);
     tokio::select! {
         _ = phase.closed() => {}
         _ = tokio::time::sleep(limits.shutdown_grace) => {
             tracing::warn!(grace_ms = limits.shutdown_grace.as_millis() as u64, "grace period over; closing remaining connections");
-            let _ = phase.send(Phase::Closing);
+            phase.send_replace(Phase::Closing);
             let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, phase.closed()).await;
         }
     }
@@ -539,7 +539,7 @@ async fn connection<F, Fut>(
     F: Fn(Request<Incoming>, &Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let io = tokio::select! {
+    let mut io = tokio::select! {
         detected = tokio::time::timeout(limits.first_byte, Detected::read(stream)) => match detected {
             Ok(Ok(Some(io))) => io,
             Ok(Ok(None)) => return,
@@ -557,6 +557,7 @@ async fn connection<F, Fut>(
 
     let client = Peer::for_connection(peer, limits.max_upstream, Some(budget));
     let state = client.conn.clone();
+    io.watch_writes(state.clone());
     let service = service_fn(move |req| {
         let request = client.conn.begin_request();
         let fut = handler(req, &client);
@@ -580,6 +581,7 @@ async fn connection<F, Fut>(
     let (mut seen, _) = state.activity();
     let mut idle_since = Some(Instant::now());
     let mut closing_since: Option<Instant> = None;
+    let mut write_stall: Option<(Instant, u32)> = None;
     let mut draining = false;
     let mut listening = true;
     loop {
@@ -603,6 +605,19 @@ async fn connection<F, Fut>(
             },
             _ = &mut watchdog => {
                 let now = Instant::now();
+                // A client that stops reading (its responses, a stream's
+                // data) is not idle but holds everything behind it: after
+                // the idle timeout without a byte taken, it is dropped.
+                match (state.write_stall(), write_stall) {
+                    (Some(unblocks), Some((since, seen))) if unblocks == seen => {
+                        if now.duration_since(since) >= limits.idle {
+                            tracing::debug!(%peer, "dropping a connection whose client stopped reading");
+                            return;
+                        }
+                    }
+                    (Some(unblocks), _) => write_stall = Some((now, unblocks)),
+                    (None, _) => write_stall = None,
+                }
                 let (begun, busy) = state.activity();
                 if busy || begun != seen {
                     seen = begun;
@@ -644,6 +659,10 @@ struct Detected {
     start: usize,
     end: usize,
     stream: TcpStream,
+    /// Told when a write has to wait for the client, and when it no
+    /// longer does (`write_waiting` mirrors what it was last told).
+    writes: Option<Arc<ConnState>>,
+    write_waiting: bool,
 }
 
 impl Detected {
@@ -667,7 +686,26 @@ impl Detected {
             start: 0,
             end,
             stream,
+            writes: None,
+            write_waiting: false,
         }))
+    }
+
+    fn watch_writes(&mut self, state: Arc<ConnState>) {
+        self.writes = Some(state);
+    }
+
+    /// Reports a write that waits, or the first that goes through after
+    /// one did: nothing per write otherwise.
+    fn note_write<T>(&mut self, poll: Poll<T>) -> Poll<T> {
+        let waiting = poll.is_pending();
+        if waiting != self.write_waiting {
+            self.write_waiting = waiting;
+            if let Some(state) = &self.writes {
+                state.write_waiting(waiting);
+            }
+        }
+        poll
     }
 }
 
@@ -694,7 +732,8 @@ impl AsyncWrite for Detected {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note_write(poll)
     }
 
     fn poll_write_vectored(
@@ -702,7 +741,8 @@ impl AsyncWrite for Detected {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.note_write(poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -710,7 +750,8 @@ impl AsyncWrite for Detected {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let poll = Pin::new(&mut self.stream).poll_flush(cx);
+        self.note_write(poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -669,3 +669,31 @@ async fn an_http2_client_that_stops_answering_pings_is_closed_even_while_busy() 
         "the slow request was answered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_response_is_dropped() {
+    let up = TestUpstream::start().await;
+    let gw = gateway(
+        GatewaySpec::standard(&up.url()),
+        "max_connections = 1\nfirst_byte_timeout_ms = 60000",
+        "",
+    )
+    .await;
+    // 64 MiB asked for, none read: the gateway's writes stop once the
+    // socket buffers are full, with the request still "in flight".
+    let mut reader = TcpStream::connect(gw.addr).await.unwrap();
+    reader
+        .write_all(b"GET /public/download?bytes=67108864 HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    // It holds the only connection there is, until it is dropped.
+    let deadline = Instant::now() + BOUND;
+    while try_get(gw.addr).await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "a client that reads nothing kept max_connections = 1"
+        );
+    }
+    let (got, _) = closed_within(&mut reader, BOUND).await;
+    assert!(got.len() < 64 << 20, "the whole response went out");
+}
