@@ -149,6 +149,7 @@ fn policies(c: &mut Criterion) {
             timeout: Duration::from_millis(20),
             memory_bytes: 16 << 20,
         }],
+        100,
         Arc::new(Metrics::new()),
     )
     .unwrap();
@@ -160,13 +161,15 @@ fn policies(c: &mut Criterion) {
         client_addr: "127.0.0.1".into(),
         user_agent: "bench".into(),
     };
+    // The hook is async (it yields to the scheduler every
+    // `engine::YIELD_FUEL` units of fuel): measured as the gateway runs it,
+    // awaited on a tokio worker.
+    let rt = runtime();
     c.bench_function("policy/access_hook_one_plugin", |b| {
-        b.iter(|| chain.on_access(&s, &request, now_ms()))
+        b.to_async(&rt)
+            .iter(|| chain.on_access(&s, &request, now_ms()))
     });
 
-    // The whole authentication step: verify the token, look it up in the
-    // embedded store, run the access hook.
-    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let store = rt.block_on(async {
         let url = format!("sqlite://{}/auth.db", dir.path().display());
@@ -185,9 +188,35 @@ fn policies(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let hash = key.verify(&token).unwrap();
             let s = store.lookup(&hash).await.unwrap().unwrap();
-            chain.on_access(&s, &request, now_ms())
+            chain.on_access(&s, &request, now_ms()).await
         })
     });
+
+    // A plugin over its log rate: one call writes 200,000 lines of 1 KiB,
+    // all but the first second's worth dropped. Divide by 200,000 for the
+    // cost of a dropped line.
+    let flood = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/testing/log-flood.wasm");
+    if flood.exists() {
+        let chain = PolicyChain::load(
+            &[PolicyConfig {
+                plugin: flood,
+                config_json: "{}".into(),
+                on_error: OnError::Deny,
+                timeout: Duration::from_secs(10),
+                memory_bytes: 16 << 20,
+            }],
+            1,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let mut group = c.benchmark_group("policy");
+        group.sample_size(10);
+        group.bench_function("log_flood_call_200k_lines_dropped", |b| {
+            b.to_async(&rt)
+                .iter(|| chain.on_access(&s, &request, now_ms()))
+        });
+        group.finish();
+    }
 }
 
 /// Headers a browser sends to an app behind the gateway.
@@ -305,11 +334,17 @@ auth = "required"
             metrics.clone(),
         )
     });
-    let chain = PolicyChain::load(&config.policies, metrics.clone()).unwrap();
+    let chain = PolicyChain::load(
+        &config.policies,
+        config.plugins.log_lines_per_second,
+        metrics.clone(),
+    )
+    .unwrap();
     let policies = Arc::new(Policies::new(
         chain,
         config.policies.clone(),
         None,
+        config.plugins.log_lines_per_second,
         metrics.clone(),
     ));
     let gateway = Arc::new(Gateway::new(

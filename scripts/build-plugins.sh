@@ -15,7 +15,7 @@ plugins="$root/plugins"
 target=wasm32-unknown-unknown
 
 bundled=(ttl activity-refresh max-sessions)
-testing=(loop-forever memory-hog deep-recursion panic bad-decision deny tag init-fails crash-every)
+testing=(loop-forever memory-hog deep-recursion panic bad-decision deny tag init-fails crash-every log-flood)
 
 # Without rustup (a distribution's toolchain), the target must already be
 # there; cargo says so clearly if it is not.

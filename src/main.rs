@@ -77,7 +77,11 @@ fn main() -> ExitCode {
                 sessiongate::telemetry::init_stderr("warn");
                 // Compiles every plugin and runs its init: no network.
                 let metrics = std::sync::Arc::new(sessiongate::metrics::Metrics::new());
-                match sessiongate::policy::PolicyChain::load(&config.policies, metrics) {
+                match sessiongate::policy::PolicyChain::load(
+                    &config.policies,
+                    config.plugins.log_lines_per_second,
+                    metrics,
+                ) {
                     Ok(_) => {
                         println!("ok");
                         ExitCode::SUCCESS

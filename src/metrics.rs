@@ -56,6 +56,11 @@ pub struct PolicyFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -90,6 +95,11 @@ pub struct Metrics {
     pub policy_failures: Family<PolicyFailureLabels, Counter>,
     pub policy_reloads: Family<ResultLabels, Counter>,
     pub local_cache: LocalCacheMetrics,
+    /// Plugin log lines over `plugins.log_lines_per_second`, not written.
+    pub plugin_log_dropped: Family<PluginLabels, Counter>,
+    /// Pending activity records dropped because the write-behind buffer
+    /// was full (`store.activity_buffer_capacity`).
+    pub activity_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -189,6 +199,18 @@ impl Metrics {
         );
         let local_cache = LocalCacheMetrics::default();
         local_cache.register(&mut registry);
+        let plugin_log_dropped = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "plugin_log_dropped",
+            "Policy plugin log lines over plugins.log_lines_per_second, counted instead of written",
+            plugin_log_dropped.clone(),
+        );
+        let activity_dropped = Counter::default();
+        registry.register(
+            "activity_dropped",
+            "Pending activity records dropped (oldest first) because store.activity_buffer_capacity sessions were already waiting",
+            activity_dropped.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -206,6 +228,8 @@ impl Metrics {
             policy_failures,
             policy_reloads,
             local_cache,
+            plugin_log_dropped,
+            activity_dropped,
         }
     }
 

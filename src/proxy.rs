@@ -279,7 +279,7 @@ impl Gateway {
         if let (Some(s), Presented::Valid(key)) = (&session, presented) {
             let chain = self.policies.chain();
             let extend = if chain.wants_access() {
-                match chain.on_access(s, &context.info(), session::now_ms()) {
+                match chain.on_access(s, &context.info(), session::now_ms()).await {
                     AccessOutcome::Allow => None,
                     AccessOutcome::Extend(at) => Some(at),
                     AccessOutcome::Refuse(refusal) => return Err(refusal.into()),
@@ -589,13 +589,14 @@ impl Gateway {
         let mut session = Session::new(user_id, attributes, self.config.session.default_ttl);
         chain
             .on_create(&mut session, request, now)
+            .await
             .map_err(|r: Refusal| ProxyError::from(r))?;
         let (token, key) = self.token_key.issue();
         let session = self.store.create(&key, session).await.map_err(store_down)?;
         if chain.wants_evict() {
             match self.store.list_user(&session.user_id).await {
                 Ok(live) => {
-                    for id in chain.on_evict(&session, &live, now) {
+                    for id in chain.on_evict(&session, &live, now).await {
                         match self.store.revoke_id(id).await {
                             Ok(_) => {
                                 tracing::info!(session_id = %id, user = %session.user_id, "session evicted by policy")

@@ -155,6 +155,8 @@ pub async fn open_store(
         negative_cache_ttl: config.store.negative_cache_ttl,
         fast_retry_interval: config.store.redis_retry,
         activity_flush_interval: config.store.activity_flush,
+        activity_buffer_capacity: config.store.activity_buffer_capacity,
+        final_flush_timeout: config.server.shutdown_grace,
     };
     let store = SessionStore::with_options(fast, durable, metrics, options);
     if let Some(url) = &config.store.redis_url {
@@ -325,7 +327,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
 pub async fn load_policies(config: &Config, metrics: Arc<Metrics>) -> Result<Policies, StartError> {
     let configs = config.policies.clone();
     let loader_metrics = metrics.clone();
-    let chain = tokio::task::spawn_blocking(move || PolicyChain::load(&configs, loader_metrics))
+    let rate = config.plugins.log_lines_per_second;
+    let chain = tokio::task::spawn_blocking(move || PolicyChain::load(&configs, rate, loader_metrics))
         .await
         .map_err(|e| StartError::Policy {
             file: config.source.clone(),
@@ -339,6 +342,7 @@ pub async fn load_policies(config: &Config, metrics: Arc<Metrics>) -> Result<Pol
         chain,
         config.policies.clone(),
         config.path.clone(),
+        config.plugins.log_lines_per_second,
         metrics,
     ))
 }

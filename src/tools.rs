@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::config::{OnError, PolicyConfig};
 use crate::metrics::Metrics;
+use crate::policy::plugin::block_on;
 use crate::policy::{AccessOutcome, PolicyChain, Refusal, RequestInfo};
 use crate::session::{Session, now_ms};
 
@@ -111,6 +112,9 @@ pub fn try_plugin(
             timeout: Duration::from_millis(100),
             memory_bytes: 64 << 20,
         }],
+        // `plugins.log_lines_per_second`'s default: what the plugin would
+        // get in the gateway.
+        100,
         Arc::new(Metrics::new()),
     )
     .map_err(|e| e.to_string())?;
@@ -131,7 +135,7 @@ pub fn try_plugin(
         let mut created = sample.clone();
         created.created_at = now;
         created.last_seen_at = now;
-        report["create"] = match chain.on_create(&mut created, Some(&req), now) {
+        report["create"] = match block_on(chain.on_create(&mut created, Some(&req), now)) {
             Ok(()) => json!({
                 "expires_at": crate::session::rfc3339(created.expires_at),
                 "expires_in_seconds": (created.expires_at - now) / 1000,
@@ -141,7 +145,7 @@ pub fn try_plugin(
         };
     }
     if info.hooks.contains(&"access") {
-        report["access"] = match chain.on_access(&sample, &req, now) {
+        report["access"] = match block_on(chain.on_access(&sample, &req, now)) {
             AccessOutcome::Allow => json!("allow"),
             AccessOutcome::Extend(at) => json!({"extend": crate::session::rfc3339(at)}),
             AccessOutcome::Refuse(r) => refusal(r),
@@ -158,7 +162,7 @@ pub fn try_plugin(
                 s
             })
             .collect();
-        let evicted = chain.on_evict(&sample, &others, now);
+        let evicted = block_on(chain.on_evict(&sample, &others, now));
         report["evict"] = json!({
             "others": others.iter().map(|s| json!({"id": s.id, "last_seen_at": crate::session::rfc3339(s.last_seen_at)})).collect::<Vec<_>>(),
             "revoke": evicted,

@@ -7,7 +7,9 @@
 //! thread advances the epoch every [`TICK`]), a bounded guest
 //! stack, the pooling instance allocator (instantiation in microseconds,
 //! memory reserved up front), and no component-model concurrency support
-//! (it costs every call and our hooks are synchronous).
+//! (it costs every call and our hooks are synchronous WIT functions; the
+//! host still calls them with `call_async` so that a long call yields, see
+//! [`YIELD_FUEL`]).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -23,6 +25,13 @@ pub const TICK: Duration = Duration::from_millis(10);
 /// Fuel per millisecond of a plugin's time limit (measured: an empty
 /// loop burns about a million units per millisecond).
 pub const FUEL_PER_MS: u64 = 1_000_000;
+
+/// Fuel between two yields of a running call to the async scheduler:
+/// about 100 µs of guest work, so a call burning its whole time limit
+/// holds its worker thread for at most that long at a time. An ordinary
+/// hook call uses a few thousand units and never reaches a yield point, so
+/// it pays nothing for this.
+pub const YIELD_FUEL: u64 = 100_000;
 
 /// Largest memory any plugin may be given.
 pub const MAX_PLUGIN_MEMORY: usize = 256 << 20;
@@ -49,6 +58,9 @@ pub fn engine() -> &'static Engine {
             .total_core_instances(POOL_INSTANCES)
             .total_memories(POOL_INSTANCES)
             .total_tables(POOL_INSTANCES)
+            // One stack per call in flight, and every call in flight holds
+            // an instance: no more stacks than instances.
+            .total_stacks(POOL_INSTANCES)
             .max_memory_size(MAX_PLUGIN_MEMORY);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).expect("the wasmtime engine configuration is valid");

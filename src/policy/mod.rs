@@ -12,6 +12,7 @@
 //! The interface is `plugins/wit/policy.wit`.
 
 pub mod engine;
+mod lograte;
 pub mod plugin;
 
 use std::sync::Arc;
@@ -31,6 +32,9 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "plugins/wit",
         world: "policy",
+        // Exports are called with `call_async`, so that a long call yields
+        // to the scheduler (see `plugin`); the `log` import stays sync.
+        exports: { default: async },
     });
 }
 
@@ -131,9 +135,15 @@ fn check_expiry(at: i64, now: i64) -> Result<i64, PluginFailure> {
 }
 
 impl PolicyChain {
-    /// Loads every configured plugin (compiling and running `init`).
-    /// Blocking: call off the request path.
-    pub fn load(configs: &[PolicyConfig], metrics: Arc<Metrics>) -> Result<PolicyChain, LoadError> {
+    /// Loads every configured plugin (compiling and running `init`),
+    /// each allowed `log_lines_per_second` log lines
+    /// (`plugins.log_lines_per_second`). Blocking: call off the request
+    /// path.
+    pub fn load(
+        configs: &[PolicyConfig],
+        log_lines_per_second: u32,
+        metrics: Arc<Metrics>,
+    ) -> Result<PolicyChain, LoadError> {
         let mut plugins = Vec::with_capacity(configs.len());
         for c in configs {
             let plugin = Plugin::load(
@@ -143,6 +153,7 @@ impl PolicyChain {
                     timeout: c.timeout,
                     memory_bytes: c.memory_bytes,
                 },
+                log_lines_per_second,
                 &metrics,
             )?;
             plugins.push(Loaded {
@@ -225,7 +236,7 @@ impl PolicyChain {
 
     /// Runs the create hooks in order; each sees the session as the ones
     /// before left it.
-    pub fn on_create(
+    pub async fn on_create(
         &self,
         session: &mut Session,
         request: Option<&RequestInfo>,
@@ -235,7 +246,8 @@ impl PolicyChain {
             let input = to_wit(session);
             let result = l
                 .plugin
-                .call(|p, store| p.call_on_create(store, &input, request, now))
+                .call_on_create(&input, request, now)
+                .await
                 .and_then(|r| match r {
                     Ok(creation) => {
                         let expires_at = creation
@@ -274,7 +286,12 @@ impl PolicyChain {
 
     /// Runs the access hooks in order; the first denial wins, and each
     /// plugin sees the expiry the ones before it set.
-    pub fn on_access(&self, session: &Session, request: &RequestInfo, now: i64) -> AccessOutcome {
+    pub async fn on_access(
+        &self,
+        session: &Session,
+        request: &RequestInfo,
+        now: i64,
+    ) -> AccessOutcome {
         let mut expires_at = session.expires_at;
         let mut extended = false;
         let mut input: Option<wit::Session> = None;
@@ -283,7 +300,8 @@ impl PolicyChain {
             view.expires_at = expires_at;
             let result = l
                 .plugin
-                .call(|p, store| p.call_on_access(store, view, request, now))
+                .call_on_access(view, request, now)
+                .await
                 .and_then(|decision| match decision {
                     wit::Access::Allow => Ok(None),
                     wit::Access::Extend(at) => check_expiry(at, now).map(|at| Some(Ok(at))),
@@ -317,7 +335,7 @@ impl PolicyChain {
     /// Runs the eviction hooks; returns the ids of `live` sessions to
     /// revoke. A failing plugin evicts nothing (whatever its `on_error`:
     /// the login itself has already succeeded).
-    pub fn on_evict(&self, created: &Session, live: &[Session], now: i64) -> Vec<Uuid> {
+    pub async fn on_evict(&self, created: &Session, live: &[Session], now: i64) -> Vec<Uuid> {
         let created_view = to_wit(created);
         let mut remaining: Vec<&Session> = live.iter().filter(|s| s.id != created.id).collect();
         let mut evicted = Vec::new();
@@ -325,7 +343,8 @@ impl PolicyChain {
             let views: Vec<wit::Session> = remaining.iter().map(|s| to_wit(s)).collect();
             match l
                 .plugin
-                .call(|p, store| p.call_on_evict(store, &created_view, &views, now))
+                .call_on_evict(&created_view, &views, now)
+                .await
             {
                 Ok(ids) => {
                     self.record(&l.plugin, "evict", "allow");
@@ -358,6 +377,9 @@ pub struct Policies {
     configs: ArcSwap<Vec<PolicyConfig>>,
     /// The config file whose `[[policies]]` a reload reads again.
     source: Option<std::path::PathBuf>,
+    /// `plugins.log_lines_per_second`, as at start (like every other
+    /// setting outside `[[policies]]`).
+    log_lines_per_second: u32,
     metrics: Arc<Metrics>,
     /// Serializes reloads so two never interleave.
     reload_lock: tokio::sync::Mutex<()>,
@@ -368,12 +390,14 @@ impl Policies {
         chain: PolicyChain,
         configs: Vec<PolicyConfig>,
         source: Option<std::path::PathBuf>,
+        log_lines_per_second: u32,
         metrics: Arc<Metrics>,
     ) -> Policies {
         Policies {
             current: ArcSwap::from_pointee(chain),
             configs: ArcSwap::from_pointee(configs),
             source,
+            log_lines_per_second,
             metrics,
             reload_lock: tokio::sync::Mutex::new(()),
         }
@@ -408,7 +432,8 @@ impl Policies {
         };
         let metrics = self.metrics.clone();
         let to_load = configs.clone();
-        let loaded = tokio::task::spawn_blocking(move || PolicyChain::load(&to_load, metrics))
+        let rate = self.log_lines_per_second;
+        let loaded = tokio::task::spawn_blocking(move || PolicyChain::load(&to_load, rate, metrics))
             .await
             .unwrap_or_else(|e| {
                 Err(LoadError::Compile {

@@ -9,9 +9,17 @@
 //! — a panic, a timeout, memory refused, a stack overflow — poisons the
 //! store, so that instance is dropped, never returned to the pool; the
 //! next call gets a fresh one.
+//!
+//! Calls are async: the guest runs on its own stack and yields to the
+//! tokio scheduler every [`YIELD_FUEL`] units of fuel, so a call burning
+//! its whole time limit shares its worker thread with other requests
+//! instead of stalling them. A call whose future is dropped (its client
+//! went away) drops its instance with it.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -19,7 +27,8 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 
 use super::bindings::sessiongate::policy::{host, types};
 use super::bindings::{Policy, PolicyPre};
-use super::engine::{FUEL_PER_MS, TICK, engine};
+use super::engine::{FUEL_PER_MS, TICK, YIELD_FUEL, engine};
+use super::lograte::{Admit, LogRate};
 
 /// How a plugin's call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,12 +81,13 @@ pub struct Limits {
     pub memory_bytes: usize,
 }
 
-/// What the gateway keeps per store: the memory limiter and the plugin's
-/// name for its log lines.
+/// What the gateway keeps per store: the memory limiter, and the
+/// plugin's name and log rate for its log lines.
 pub struct HostState {
     name: Arc<str>,
     memory_limit: usize,
     memory_refused: bool,
+    log_rate: Arc<LogRate>,
 }
 
 impl ResourceLimiter for HostState {
@@ -109,6 +119,32 @@ const MAX_LOG_LINE: usize = 1024;
 
 impl host::Host for HostState {
     fn log(&mut self, level: types::LogLevel, message: String) {
+        // A line the log filter would discard costs no credit.
+        let enabled = match level {
+            types::LogLevel::Debug => {
+                tracing::enabled!(target: "sessiongate::plugin", tracing::Level::DEBUG)
+            }
+            types::LogLevel::Info => {
+                tracing::enabled!(target: "sessiongate::plugin", tracing::Level::INFO)
+            }
+            types::LogLevel::Warn => {
+                tracing::enabled!(target: "sessiongate::plugin", tracing::Level::WARN)
+            }
+            types::LogLevel::Error => {
+                tracing::enabled!(target: "sessiongate::plugin", tracing::Level::ERROR)
+            }
+        };
+        if !enabled {
+            return;
+        }
+        match self.log_rate.admit(Instant::now()) {
+            Admit::Write => {}
+            Admit::Drop => return,
+            Admit::DropAndReport(n) => {
+                super::lograte::report(&self.name, n);
+                return;
+            }
+        }
         let mut message = message;
         if message.len() > MAX_LOG_LINE {
             let mut cut = MAX_LOG_LINE;
@@ -161,6 +197,7 @@ pub struct Plugin {
     pub hooks: types::Hooks,
     config_json: String,
     limits: Limits,
+    log_rate: Arc<LogRate>,
     pre: PolicyPre<HostState>,
     idle: Mutex<Vec<Slot>>,
 }
@@ -186,13 +223,21 @@ impl Plugin {
         path: &str,
         config_json: &str,
         limits: Limits,
+        log_lines_per_second: u32,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Plugin, LoadError> {
         let bytes = std::fs::read(path).map_err(|e| LoadError::Read {
             path: path.to_string(),
             reason: e.to_string(),
         })?;
-        Self::from_bytes(path, &bytes, config_json, limits, metrics)
+        Self::from_bytes(
+            path,
+            &bytes,
+            config_json,
+            limits,
+            log_lines_per_second,
+            metrics,
+        )
     }
 
     pub fn from_bytes(
@@ -200,6 +245,7 @@ impl Plugin {
         bytes: &[u8],
         config_json: &str,
         limits: Limits,
+        log_lines_per_second: u32,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Plugin, LoadError> {
         let compile_error = |reason: String| LoadError::Compile {
@@ -240,6 +286,13 @@ impl Plugin {
                     })
             })
             .collect();
+        let log_rate = Arc::new(LogRate::new(
+            log_lines_per_second,
+            metrics
+                .plugin_log_dropped
+                .get_or_create_owned(&crate::metrics::PluginLabels { plugin: label }),
+            Instant::now(),
+        ));
         let mut plugin = Plugin {
             calls,
             label,
@@ -253,12 +306,13 @@ impl Plugin {
             },
             config_json: config_json.to_string(),
             limits,
+            log_rate,
             pre,
             idle: Mutex::new(Vec::new()),
         };
         // The first instance proves init accepts the config and tells
         // which hooks the plugin implements.
-        let (slot, hooks) = plugin.instantiate().map_err(|e| match e {
+        let (slot, hooks) = block_on(plugin.instantiate()).map_err(|e| match e {
             InitFailure::Rejected(reason) => LoadError::Init {
                 path: path.to_string(),
                 reason,
@@ -282,24 +336,28 @@ impl Plugin {
         }
     }
 
-    fn instantiate(&self) -> Result<(Slot, types::Hooks), InitFailure> {
+    async fn instantiate(&self) -> Result<(Slot, types::Hooks), InitFailure> {
         let mut store = Store::new(
             engine(),
             HostState {
                 name: self.name.clone(),
                 memory_limit: self.limits.memory_bytes,
                 memory_refused: false,
+                log_rate: self.log_rate.clone(),
             },
         );
         store.limiter(|state| state);
         store.epoch_deadline_trap();
+        // Fails only without fuel, and the engine has it.
+        let _ = store.fuel_async_yield_interval(Some(YIELD_FUEL));
         self.arm(&mut store);
         let bindings = self
             .pre
-            .instantiate(&mut store)
+            .instantiate_async(&mut store)
+            .await
             .map_err(|e| InitFailure::Failed(classify(&store, e)))?;
         self.arm(&mut store);
-        let hooks = match bindings.call_init(&mut store, &self.config_json) {
+        let hooks = match bindings.call_init(&mut store, &self.config_json).await {
             Ok(Ok(hooks)) => hooks,
             Ok(Err(reason)) => return Err(InitFailure::Rejected(reason)),
             Err(e) => return Err(InitFailure::Failed(classify(&store, e))),
@@ -318,15 +376,12 @@ impl Plugin {
         store.data_mut().memory_refused = false;
     }
 
-    /// Runs `f` on a pooled instance within the plugin's limits.
-    pub fn call<R>(
-        &self,
-        f: impl FnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginFailure> {
+    /// A pooled instance, armed for one call, or a fresh one.
+    async fn checkout(&self) -> Result<Slot, PluginFailure> {
         let slot = self.idle.lock().expect("idle lock").pop();
         let mut slot = match slot {
             Some(slot) => slot,
-            None => match self.instantiate() {
+            None => match self.instantiate().await {
                 Ok((slot, _)) => slot,
                 Err(InitFailure::Rejected(reason)) => {
                     return Err(PluginFailure::Instantiate(format!("init failed: {reason}")));
@@ -335,7 +390,18 @@ impl Plugin {
             },
         };
         self.arm(&mut slot.store);
-        match f(&slot.bindings, &mut slot.store) {
+        Ok(slot)
+    }
+
+    /// Ends a call: a healthy instance goes back to the pool; a trapped
+    /// one is dropped here with its store.
+    fn checkin<R>(&self, slot: Slot, result: wasmtime::Result<R>) -> Result<R, PluginFailure> {
+        if self.log_rate.has_unreported()
+            && let Some(n) = self.log_rate.due_report(Instant::now())
+        {
+            super::lograte::report(&self.name, n);
+        }
+        match result {
             Ok(result) => {
                 let mut idle = self.idle.lock().expect("idle lock");
                 if idle.len() < MAX_IDLE {
@@ -343,8 +409,63 @@ impl Plugin {
                 }
                 Ok(result)
             }
-            // The store is poisoned: it is dropped here with its instance.
             Err(e) => Err(classify(&slot.store, e)),
+        }
+    }
+
+    pub async fn call_on_create(
+        &self,
+        session: &types::Session,
+        request: Option<&types::RequestInfo>,
+        now: i64,
+    ) -> Result<Result<types::Creation, types::Denial>, PluginFailure> {
+        let mut slot = self.checkout().await?;
+        let result = slot
+            .bindings
+            .call_on_create(&mut slot.store, session, request, now)
+            .await;
+        self.checkin(slot, result)
+    }
+
+    pub async fn call_on_access(
+        &self,
+        session: &types::Session,
+        request: &types::RequestInfo,
+        now: i64,
+    ) -> Result<types::Access, PluginFailure> {
+        let mut slot = self.checkout().await?;
+        let result = slot
+            .bindings
+            .call_on_access(&mut slot.store, session, request, now)
+            .await;
+        self.checkin(slot, result)
+    }
+
+    pub async fn call_on_evict(
+        &self,
+        created: &types::Session,
+        others: &[types::Session],
+        now: i64,
+    ) -> Result<Vec<String>, PluginFailure> {
+        let mut slot = self.checkout().await?;
+        let result = slot
+            .bindings
+            .call_on_evict(&mut slot.store, created, others, now)
+            .await;
+        self.checkin(slot, result)
+    }
+}
+
+/// Runs a plugin future to the end on this thread, for loading and the
+/// command-line tools (no async runtime there). A plugin's future waits on
+/// nothing but its own fuel yields, which are ready again at once, so
+/// polling until it is done is right.
+pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
         }
     }
 }

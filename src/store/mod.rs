@@ -20,7 +20,12 @@
 //!   handed out only once it is durable.
 //! * **activity** (last seen, a later expiry): the fast tier at once, the
 //!   durable tier coalesced by a background writer every
-//!   `store.activity_flush_ms` and at shutdown. The window: if the process
+//!   `store.activity_flush_ms` and at shutdown. At most
+//!   `store.activity_buffer_capacity` sessions wait (beyond it the one
+//!   waiting longest is dropped and counted, so a durable tier that is down
+//!   costs bounded memory), and the final flush stops at
+//!   `server.shutdown_grace_ms` (a durable tier that hangs cannot hold
+//!   shutdown). The window: if the process
 //!   dies, up to one interval of activity is lost from the durable tier
 //!   (the fast tier has it, Redis across a restart too); a session then
 //!   looks idle for up to that long more than it was. Nothing is granted
@@ -68,7 +73,8 @@ pub mod postgres;
 pub mod redis;
 pub mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,6 +190,11 @@ pub struct StoreOptions {
     pub fast_retry_interval: Duration,
     /// How often coalesced activity is written to the durable tier.
     pub activity_flush_interval: Duration,
+    /// Sessions whose activity may wait for a flush; beyond it the one
+    /// waiting longest is dropped.
+    pub activity_buffer_capacity: usize,
+    /// How long the last activity flush at shutdown may take.
+    pub final_flush_timeout: Duration,
 }
 
 impl Default for StoreOptions {
@@ -193,8 +204,109 @@ impl Default for StoreOptions {
             negative_cache_ttl: Duration::from_secs(10),
             fast_retry_interval: Duration::from_secs(1),
             activity_flush_interval: Duration::from_secs(1),
+            activity_buffer_capacity: 100_000,
+            final_flush_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// Activity not yet written to the durable tier, per session, in the order
+/// the sessions started waiting.
+#[derive(Default)]
+struct PendingActivity {
+    /// Last seen, expiry, and the ticket of the entry's place in `order`.
+    latest: HashMap<TokenHash, (i64, i64, u64)>,
+    /// Oldest first. A key whose ticket no longer matches `latest` (its
+    /// activity was flushed or revoked meanwhile) is a stale place, skipped.
+    order: VecDeque<(TokenHash, u64)>,
+    next_ticket: u64,
+}
+
+impl PendingActivity {
+    /// Records activity; returns how many waiting sessions were dropped to
+    /// stay within `capacity`.
+    fn record(&mut self, key: TokenHash, seen: i64, expires: i64, capacity: usize) -> u64 {
+        match self.latest.entry(key) {
+            Entry::Occupied(mut e) => {
+                let entry = e.get_mut();
+                entry.0 = entry.0.max(seen);
+                entry.1 = expires;
+                0
+            }
+            Entry::Vacant(e) => {
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                e.insert((seen, expires, ticket));
+                self.order.push_back((key, ticket));
+                self.shrink_to(capacity)
+            }
+        }
+    }
+
+    /// Puts back activity a flush could not write, as the oldest waiting
+    /// (it is), unless newer activity for the session arrived meanwhile.
+    fn put_back(&mut self, failed: Vec<(TokenHash, (i64, i64))>, capacity: usize) -> u64 {
+        for (key, (seen, expires)) in failed.into_iter().rev() {
+            if let Entry::Vacant(e) = self.latest.entry(key) {
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                e.insert((seen, expires, ticket));
+                self.order.push_front((key, ticket));
+            }
+        }
+        self.shrink_to(capacity)
+    }
+
+    fn remove(&mut self, key: &TokenHash) {
+        self.latest.remove(key);
+    }
+
+    /// Everything waiting, oldest first.
+    fn drain(&mut self) -> Vec<(TokenHash, (i64, i64))> {
+        let mut out = Vec::with_capacity(self.latest.len());
+        for (key, ticket) in self.order.drain(..) {
+            if let Some(&(seen, expires, t)) = self.latest.get(&key)
+                && t == ticket
+            {
+                out.push((key, (seen, expires)));
+            }
+        }
+        self.latest.clear();
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.latest.len()
+    }
+
+    /// Drops the sessions waiting longest until at most `capacity` wait;
+    /// also sheds stale places so that `order` stays within twice that.
+    fn shrink_to(&mut self, capacity: usize) -> u64 {
+        let mut dropped = 0;
+        while self.latest.len() > capacity {
+            let Some((key, ticket)) = self.order.pop_front() else {
+                break;
+            };
+            if self.latest.get(&key).is_some_and(|e| e.2 == ticket) {
+                self.latest.remove(&key);
+                dropped += 1;
+            }
+        }
+        if self.order.len() > 2 * capacity.max(1) {
+            let latest = &self.latest;
+            self.order
+                .retain(|(key, ticket)| latest.get(key).is_some_and(|e| e.2 == *ticket));
+        }
+        dropped
+    }
+}
+
+/// What a flush did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Flushed {
+    pub(crate) written: usize,
+    /// Still waiting: a write failed, or the deadline came.
+    pub(crate) left: usize,
 }
 
 /// The state of one tier for `/readyz`.
@@ -219,8 +331,8 @@ struct Inner {
     fast_instance: Mutex<Option<String>>,
     negative: moka::sync::Cache<TokenHash, ()>,
     inflight: Mutex<HashMap<TokenHash, DurableLookup>>,
-    /// Activity not yet written to the durable tier: last seen, expiry.
-    activity: Mutex<HashMap<TokenHash, (i64, i64)>>,
+    /// Activity not yet written to the durable tier.
+    activity: Mutex<PendingActivity>,
 }
 
 /// The hybrid composition. Cheap to clone.
@@ -264,7 +376,7 @@ impl SessionStore {
                 fast_instance: Mutex::new(None),
                 negative,
                 inflight: Mutex::new(HashMap::new()),
-                activity: Mutex::new(HashMap::new()),
+                activity: Mutex::new(PendingActivity::default()),
             }),
         }
     }
@@ -410,13 +522,14 @@ impl SessionStore {
     /// flush interval.
     pub async fn record_activity(&self, key: &TokenHash, session: Session) {
         let inner = &self.inner;
-        {
-            let mut pending = inner.activity.lock().expect("activity lock");
-            let entry = pending
-                .entry(*key)
-                .or_insert((session.last_seen_at, session.expires_at));
-            entry.0 = entry.0.max(session.last_seen_at);
-            entry.1 = session.expires_at;
+        let dropped = inner.activity.lock().expect("activity lock").record(
+            *key,
+            session.last_seen_at,
+            session.expires_at,
+            inner.options.activity_buffer_capacity,
+        );
+        if dropped > 0 {
+            inner.metrics.activity_dropped.inc_by(dropped);
         }
         if self.fast_trusted()
             && let Err(e) = inner.fast.refresh(key, Arc::new(session)).await
@@ -428,43 +541,85 @@ impl SessionStore {
     /// Writes pending activity to the durable tier; what fails stays
     /// pending for the next flush.
     pub async fn flush_activity(&self) -> StoreResult<usize> {
-        let batch: Vec<(TokenHash, (i64, i64))> = {
-            let mut pending = self.inner.activity.lock().expect("activity lock");
-            pending.drain().collect()
-        };
+        let (flushed, failed) = self.flush_activity_until(None).await;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(flushed.written),
+        }
+    }
+
+    /// Sessions whose activity waits for the next flush.
+    pub fn pending_activity(&self) -> usize {
+        self.inner.activity.lock().expect("activity lock").len()
+    }
+
+    /// Writes pending activity, oldest first, until a write fails or
+    /// `deadline` comes; what is not written stays pending.
+    async fn flush_activity_until(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> (Flushed, Option<StoreError>) {
+        let batch = self.inner.activity.lock().expect("activity lock").drain();
         let mut written = 0;
         let mut failed = None;
         let mut rest = Vec::new();
-        for (key, (seen, expires)) in batch {
-            if failed.is_some() {
-                rest.push((key, (seen, expires)));
-                continue;
-            }
-            match self
-                .inner
-                .durable
-                .update_activity(&key, seen, expires)
-                .await
-            {
-                Ok(_) => written += 1,
-                Err(e) => {
+        let mut batch = batch.into_iter();
+        for (key, (seen, expires)) in batch.by_ref() {
+            let write = self.inner.durable.update_activity(&key, seen, expires);
+            let result = match deadline {
+                Some(at) => tokio::time::timeout_at(at, write).await.ok(),
+                None => Some(write.await),
+            };
+            match result {
+                Some(Ok(_)) => written += 1,
+                Some(Err(e)) => {
                     rest.push((key, (seen, expires)));
                     failed = Some(e);
+                    break;
+                }
+                None => {
+                    rest.push((key, (seen, expires)));
+                    break;
                 }
             }
         }
+        rest.extend(batch);
+        let left = rest.len();
         if !rest.is_empty() {
-            let mut pending = self.inner.activity.lock().expect("activity lock");
-            for (key, (seen, expires)) in rest {
-                // A newer record made meanwhile wins.
-                pending.entry(key).or_insert((seen, expires));
+            let dropped = self
+                .inner
+                .activity
+                .lock()
+                .expect("activity lock")
+                .put_back(rest, self.inner.options.activity_buffer_capacity);
+            if dropped > 0 {
+                self.inner.metrics.activity_dropped.inc_by(dropped);
             }
         }
         self.inner.metrics.activity_flushed.inc_by(written as u64);
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(written),
+        (Flushed { written, left }, failed)
+    }
+
+    /// The last flush, at shutdown: bounded by
+    /// [`StoreOptions::final_flush_timeout`] (`server.shutdown_grace_ms`).
+    pub async fn final_flush(&self) -> usize {
+        let deadline = tokio::time::Instant::now() + self.inner.options.final_flush_timeout;
+        let (flushed, failed) = self.flush_activity_until(Some(deadline)).await;
+        match (failed, flushed.left) {
+            (_, 0) => {}
+            (Some(e), left) => tracing::error!(
+                error = %e,
+                written = flushed.written,
+                left,
+                "final activity flush failed; {left} sessions' activity not written to the durable tier"
+            ),
+            (None, left) => tracing::error!(
+                written = flushed.written,
+                left,
+                "final activity flush stopped at server.shutdown_grace_ms; {left} sessions' activity not written to the durable tier"
+            ),
         }
+        flushed.left
     }
 
     /// Logs revocations in the durable tier and applies them to the fast
@@ -693,8 +848,6 @@ impl SessionStore {
                 _ = shutdown.changed() => break,
             }
         }
-        if let Err(e) = self.flush_activity().await {
-            tracing::error!(error = %e, "final activity flush failed");
-        }
+        self.final_flush().await;
     }
 }

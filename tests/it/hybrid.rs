@@ -1356,3 +1356,115 @@ async fn migrate_and_serve_on_postgres_from_the_command_line() {
     assert!(!stderr.contains("hunter2secret"), "{stderr}");
     db.drop_db().await;
 }
+
+/// Each user's session row in PostgreSQL: (created_at, last_seen_at).
+async fn seen_by_user(pool: &sqlx::PgPool) -> std::collections::BTreeMap<String, (i64, i64)> {
+    sqlx::query("SELECT user_id, created_at, last_seen_at FROM sessions")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get("user_id"), (r.get("created_at"), r.get("last_seen_at"))))
+        .collect()
+}
+
+/// Waits until the clock is past `at` (milliseconds), so that activity
+/// recorded afterwards is told from creation.
+async fn clock_past(at: i64) {
+    for _ in 0..1_000 {
+        if sessiongate::session::now_ms() > at {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("the clock did not pass {at}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_activity_buffer_is_bounded_and_drops_the_longest_waiting() {
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let gw = Gw::start(config(
+        &upstream,
+        &db.url(),
+        "activity_flush_ms = 600000\nactivity_buffer_capacity = 3",
+        "touch_interval_seconds = 0",
+    ))
+    .await;
+    let users = ["u1", "u2", "u3", "u4", "u5"];
+    let mut tokens = Vec::new();
+    for user in users {
+        tokens.push(gw.login(user).await);
+    }
+    let pool = db.pool().await;
+    let created = seen_by_user(&pool).await;
+    clock_past(created.values().map(|(c, _)| *c).max().unwrap()).await;
+
+    // Five sessions active in turn; three may wait.
+    for token in &tokens {
+        assert_eq!(gw.status("/", token).await, 200);
+    }
+    // More activity of one already waiting takes no new place.
+    assert_eq!(gw.status("/", &tokens[4]).await, 200);
+    assert_eq!(gw.status("/", &tokens[2]).await, 200);
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        counter(&metrics, "sessiongate_activity_dropped_total"),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(gw.running().gateway().store.pending_activity(), 3);
+
+    // The shutdown flush writes the three newest; the two dropped keep the
+    // durable tier's older time (the fast tier had them meanwhile).
+    gw.shutdown().await;
+    let after = seen_by_user(&pool).await;
+    for (user, (created_at, seen)) in &after {
+        let written = *seen > *created_at;
+        let expected = ["u3", "u4", "u5"].contains(&user.as_str());
+        assert_eq!(written, expected, "{user}: {after:?}");
+    }
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_activity_flush_stops_at_the_shutdown_grace() {
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let mut config = config(
+        &upstream,
+        &db.url(),
+        "activity_flush_ms = 600000",
+        "touch_interval_seconds = 0",
+    );
+    config.server.shutdown_grace = Duration::from_millis(300);
+    let gw = Gw::start(config).await;
+    let alice = gw.login("alice").await;
+    let pool = db.pool().await;
+    let created = seen_by_user(&pool).await["alice"].0;
+    clock_past(created).await;
+    assert_eq!(gw.status("/", &alice).await, 200);
+
+    // Another client holds the table: the activity write waits on its lock
+    // for as long as the lock is held.
+    let mut hold = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), gw.shutdown()).await;
+    let took = started.elapsed();
+    hold.rollback().await.unwrap();
+    assert!(
+        stopped.is_ok(),
+        "shutdown still waiting on the durable tier after {took:?}"
+    );
+    // The listeners' grace, then the flush's.
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    let (_, seen) = seen_by_user(&pool).await["alice"];
+    assert_eq!(seen, created, "the blocked write was abandoned, not applied");
+    pool.close().await;
+    db.drop_db().await;
+}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sessiongate::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{self, ADMIN_TOKEN, GatewaySpec, GatewayUnderTest, TestUpstream};
 
@@ -796,4 +797,214 @@ async fn sighup_reloads_the_policies_of_the_running_binary() {
         .status();
     let exit = child.wait().unwrap();
     assert!(exit.success(), "exit status {exit}");
+}
+
+/// Kills the gateway process if the test ends before it does.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The value of the first Prometheus line starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_flooding_the_log_is_held_to_its_rate() {
+    // The binary, as deployed: its log is what an operator pays for.
+    const RATE: u64 = 10;
+    const REQUESTS: u64 = 20;
+    const LINES_PER_CALL: u64 = 200_000;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", harness::free_port())
+        .parse()
+        .unwrap();
+    let admin = format!("127.0.0.1:{}", harness::free_port());
+    let mut spec = GatewaySpec::standard(&upstream.url()).cookie_secure(false);
+    spec.extra = format!(
+        "[plugins]\nlog_lines_per_second = {RATE}\n{}",
+        policy(&testing("log-flood"), "{}", "timeout_ms = 10000")
+    );
+    let config_path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config_path,
+        spec.to_toml(&harness::database_url(&dir), &listen.to_string(), &admin),
+    )
+    .unwrap();
+    let log_path = dir.path().join("out.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn the sessiongate binary");
+    let mut child = KillOnDrop(child);
+    let output = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("sessiongate exited early with {status}:\n{}", output());
+        }
+        assert!(Instant::now() < deadline, "no listener:\n{}", output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let client = harness::client();
+    let resp = client
+        .get(format!("http://{listen}/public/login?user=alice"))
+        .send()
+        .await
+        .unwrap();
+    let token = harness::set_cookie(resp.headers(), harness::COOKIE)
+        .expect("login")
+        .value;
+    let started = Instant::now();
+    for i in 1..=REQUESTS {
+        let resp = client
+            .get(format!("http://{listen}/api/x"))
+            .header("cookie", harness::cookie(&token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        // Checked as it goes: without a limit one request writes ~200 MiB.
+        let size = std::fs::metadata(&log_path).unwrap().len();
+        assert!(size < 1 << 20, "after {i} requests the log holds {size} bytes");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let metrics = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped = metric(
+        &metrics,
+        r#"sessiongate_plugin_log_dropped_total{plugin="log-flood"}"#,
+    )
+    .unwrap_or_else(|| panic!("no dropped-lines counter in\n{metrics}"));
+    let text = output();
+    let line = "x".repeat(1024);
+    let written = text.lines().filter(|l| l.contains(&line)).count() as u64;
+    // A full bucket (one second's worth) at load, then the rate.
+    let allowed = RATE as f64 * (elapsed + 1.0);
+    assert!(
+        written >= RATE && written as f64 <= allowed + 1.0,
+        "{written} plugin lines in {elapsed:.1} s at {RATE}/s"
+    );
+    assert_eq!(
+        written + dropped,
+        REQUESTS * LINES_PER_CALL,
+        "every line was written or counted"
+    );
+    // The drops are summarized, at most once a second.
+    let summaries: Vec<u64> = text
+        .lines()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("plugin log-flood dropped ")?;
+            rest.split(' ').next()?.parse().ok()
+        })
+        .collect();
+    assert!(
+        !summaries.is_empty() && summaries.len() as f64 <= elapsed + 2.0,
+        "{} summaries in {elapsed:.1} s",
+        summaries.len()
+    );
+    let summarized: u64 = summaries.iter().sum();
+    assert!(
+        summarized > 0 && summarized <= dropped,
+        "{summarized} summarized of {dropped}"
+    );
+    let size = text.len();
+    assert!(size < 1 << 20, "the log holds {size} bytes");
+    drop(child);
+}
+
+#[tokio::test]
+async fn a_call_burning_its_time_limit_does_not_stall_other_requests() {
+    // A current-thread runtime, as `server.worker_threads = 1`: the gateway,
+    // its upstream and these clients all share one thread. The policy chain
+    // is global, so the fast requests use a route without authentication
+    // (no hook runs there) and the slow one a protected route.
+    const FAST: usize = 30;
+    let upstream = TestUpstream::start().await;
+    let gw = gateway(
+        &upstream,
+        // Fuel, not wall time: 5 s of budget is about 1 s of this loop.
+        &[policy(&testing("loop-forever"), "{}", "timeout_ms = 5000")],
+        "",
+    )
+    .await;
+    let token = gw.login("alice").await;
+    // The slow request is on the wire before the first fast one.
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /api/slow HTTP/1.1\r\nHost: app.example\r\nCookie: {}\r\nConnection: close\r\n\r\n",
+        harness::cookie(&token)
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let sent = Instant::now();
+    let slow = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        (Instant::now(), String::from_utf8_lossy(&answer).to_string())
+    });
+    let mut fast_done = Vec::with_capacity(FAST);
+    for i in 0..FAST {
+        let resp = gw.get(&format!("/public/fast-{i}"), None).await;
+        assert_eq!(resp.status(), 200, "fast request {i}");
+        fast_done.push(Instant::now());
+    }
+    let (slow_done, answer) = tokio::time::timeout(Duration::from_secs(20), slow)
+        .await
+        .expect("the slow request ends")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("policy_failed"), "{answer}");
+    // The slow call burned its time limit ...
+    assert!(
+        slow_done - sent >= Duration::from_millis(250),
+        "the slow call ended after {:?}",
+        slow_done - sent
+    );
+    // ... and fast requests kept finishing meanwhile: several before it
+    // ended, and never a gap anywhere near its time limit (synchronous
+    // calls froze the thread for all of it).
+    let before_slow = fast_done.iter().filter(|t| **t < slow_done).count();
+    assert!(
+        before_slow >= 5,
+        "only {before_slow} of {FAST} fast requests finished while the slow call ran"
+    );
+    let mut points = vec![sent];
+    points.extend(fast_done.iter().copied().filter(|t| *t < slow_done));
+    let longest_gap = points
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    assert!(
+        longest_gap < Duration::from_millis(200),
+        "a fast request waited {longest_gap:?} while the slow call ran"
+    );
+    gw.shutdown().await;
 }
