@@ -328,16 +328,17 @@ pub async fn load_policies(config: &Config, metrics: Arc<Metrics>) -> Result<Pol
     let configs = config.policies.clone();
     let loader_metrics = metrics.clone();
     let rate = config.plugins.log_lines_per_second;
-    let chain = tokio::task::spawn_blocking(move || PolicyChain::load(&configs, rate, loader_metrics))
-        .await
-        .map_err(|e| StartError::Policy {
-            file: config.source.clone(),
-            reason: format!("the plugin loader panicked: {e}"),
-        })?
-        .map_err(|e| StartError::Policy {
-            file: config.source.clone(),
-            reason: e.to_string(),
-        })?;
+    let chain =
+        tokio::task::spawn_blocking(move || PolicyChain::load(&configs, rate, loader_metrics))
+            .await
+            .map_err(|e| StartError::Policy {
+                file: config.source.clone(),
+                reason: format!("the plugin loader panicked: {e}"),
+            })?
+            .map_err(|e| StartError::Policy {
+                file: config.source.clone(),
+                reason: e.to_string(),
+            })?;
     Ok(Policies::new(
         chain,
         config.policies.clone(),

@@ -104,8 +104,7 @@ impl LogRate {
     /// Whether a summary may be written at `now`; if so, it counts as
     /// written.
     fn report_due(b: &mut Bucket, now: Instant) -> bool {
-        if b
-            .reported_at
+        if b.reported_at
             .is_some_and(|at| now.saturating_duration_since(at) < REPORT_EVERY)
         {
             return false;
@@ -158,7 +157,11 @@ mod tests {
         // dropped since.
         assert_eq!(rate.due_report(t0 + ms(999)), None);
         assert_eq!(rate.due_report(t0 + ms(1000)), Some(3));
-        assert_eq!(rate.due_report(t0 + ms(5000)), None, "nothing left to report");
+        assert_eq!(
+            rate.due_report(t0 + ms(5000)),
+            None,
+            "nothing left to report"
+        );
         // A long pause refills to one second's worth, never more.
         let later = t0 + Duration::from_secs(3600);
         for i in 0..10 {

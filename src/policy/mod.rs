@@ -298,15 +298,14 @@ impl PolicyChain {
         for l in self.plugins.iter().filter(|l| l.plugin.hooks.on_access) {
             let view = input.get_or_insert_with(|| to_wit(session));
             view.expires_at = expires_at;
-            let result = l
-                .plugin
-                .call_on_access(view, request, now)
-                .await
-                .and_then(|decision| match decision {
-                    wit::Access::Allow => Ok(None),
-                    wit::Access::Extend(at) => check_expiry(at, now).map(|at| Some(Ok(at))),
-                    wit::Access::Deny(d) => check_denial(d).map(|r| Some(Err(r))),
-                });
+            let result =
+                l.plugin.call_on_access(view, request, now).await.and_then(
+                    |decision| match decision {
+                        wit::Access::Allow => Ok(None),
+                        wit::Access::Extend(at) => check_expiry(at, now).map(|at| Some(Ok(at))),
+                        wit::Access::Deny(d) => check_denial(d).map(|r| Some(Err(r))),
+                    },
+                );
             match result {
                 Ok(None) => self.record(&l.plugin, "access", "allow"),
                 Ok(Some(Ok(at))) => {
@@ -341,11 +340,7 @@ impl PolicyChain {
         let mut evicted = Vec::new();
         for l in self.plugins.iter().filter(|l| l.plugin.hooks.on_evict) {
             let views: Vec<wit::Session> = remaining.iter().map(|s| to_wit(s)).collect();
-            match l
-                .plugin
-                .call_on_evict(&created_view, &views, now)
-                .await
-            {
+            match l.plugin.call_on_evict(&created_view, &views, now).await {
                 Ok(ids) => {
                     self.record(&l.plugin, "evict", "allow");
                     for id in ids {
@@ -433,14 +428,15 @@ impl Policies {
         let metrics = self.metrics.clone();
         let to_load = configs.clone();
         let rate = self.log_lines_per_second;
-        let loaded = tokio::task::spawn_blocking(move || PolicyChain::load(&to_load, rate, metrics))
-            .await
-            .unwrap_or_else(|e| {
-                Err(LoadError::Compile {
-                    path: "(reload)".into(),
-                    reason: format!("the loader panicked: {e}"),
-                })
-            });
+        let loaded =
+            tokio::task::spawn_blocking(move || PolicyChain::load(&to_load, rate, metrics))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(LoadError::Compile {
+                        path: "(reload)".into(),
+                        reason: format!("the loader panicked: {e}"),
+                    })
+                });
         match loaded {
             Ok(chain) => {
                 let info = chain.info();

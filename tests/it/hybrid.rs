@@ -1364,7 +1364,12 @@ async fn seen_by_user(pool: &sqlx::PgPool) -> std::collections::BTreeMap<String,
         .await
         .unwrap()
         .iter()
-        .map(|r| (r.get("user_id"), (r.get("created_at"), r.get("last_seen_at"))))
+        .map(|r| {
+            (
+                r.get("user_id"),
+                (r.get("created_at"), r.get("last_seen_at")),
+            )
+        })
         .collect()
 }
 
@@ -1464,7 +1469,10 @@ async fn the_final_activity_flush_stops_at_the_shutdown_grace() {
     // The listeners' grace, then the flush's.
     assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
     let (_, seen) = seen_by_user(&pool).await["alice"];
-    assert_eq!(seen, created, "the blocked write was abandoned, not applied");
+    assert_eq!(
+        seen, created,
+        "the blocked write was abandoned, not applied"
+    );
     pool.close().await;
     db.drop_db().await;
 }

@@ -886,7 +886,10 @@ async fn a_plugin_flooding_the_log_is_held_to_its_rate() {
         assert_eq!(resp.status(), 200, "request {i}");
         // Checked as it goes: without a limit one request writes ~200 MiB.
         let size = std::fs::metadata(&log_path).unwrap().len();
-        assert!(size < 1 << 20, "after {i} requests the log holds {size} bytes");
+        assert!(
+            size < 1 << 20,
+            "after {i} requests the log holds {size} bytes"
+        );
     }
     let elapsed = started.elapsed().as_secs_f64();
 
