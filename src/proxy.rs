@@ -8,16 +8,22 @@
 //!    the request carries only that path; the longest matching prefix
 //!    picks the route (404 if none).
 //! 2. **authenticate** — the token is taken from `Authorization: Bearer` or
-//!    the session cookie, checked for shape and MAC (no store is asked for
-//!    a malformed one), then looked up in the hybrid store. What a failure
-//!    means depends on the route's `auth` mode.
-//! 3. **rewrite** — hop-by-hop headers go; client copies of identity and
-//!    forwarding headers go (on every route); the session's identity, the
+//!    the session cookies, checked for shape and MAC (no store is asked for
+//!    a malformed one; of several, the one that verifies counts, and two
+//!    different ones that verify are refused), then looked up in the hybrid
+//!    store. What a failure means depends on the route's `auth` mode.
+//! 3. **rewrite** ([`crate::headers::rewrite_request`]) — hop-by-hop
+//!    headers go, and every `Upgrade` but a WebSocket handshake's; client
+//!    copies of identity, forwarding, `x-sessiongate-*` and path-override
+//!    headers go (on every route), in any spelling a CGI-style server reads
+//!    the same (or the request is refused); the session's identity, the
 //!    `x-forwarded-*` headers and `x-request-id` are set; the session
-//!    cookie and our bearer token are kept from the upstream.
+//!    cookie and our tokens are kept from the upstream.
 //! 4. **forward** — to the route's upstream, bodies streamed both ways;
-//!    a WebSocket handshake becomes a bridged byte stream.
-//! 5. **respond** — the `x-sessiongate-*` headers of the response begin or
+//!    a WebSocket handshake becomes a bridged byte stream once the
+//!    upstream's 101 proves it is one (RFC 6455's accept key).
+//! 5. **respond** — the upstream's own `Set-Cookie` for the session cookie
+//!    is dropped; the `x-sessiongate-*` headers of the response begin or
 //!    end sessions and are removed; the result is logged and counted.
 
 use std::borrow::Cow;

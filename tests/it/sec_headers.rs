@@ -761,6 +761,29 @@ async fn user_ids_with_commas_or_controls_are_refused() {
     }
 }
 
+/// The stricter user-id check (no C1 controls) still takes user ids
+/// beyond ASCII, and they reach the upstream intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_id_beyond_ascii_still_reaches_the_upstream() {
+    let up = TestUpstream::start().await;
+    let gw = gateway(&up.url()).await;
+    let resp = gw
+        .client
+        .post(gw.admin_url("/v1/sessions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({ "user_id": "zoë" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let token = resp.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let echo = echo_of(gw.get("/api/me", Some(&token)).await).await;
+    assert_eq!(seen(&echo, "x-user-id"), Some("zoë"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_502_body_carries_no_upstream_text() {
     let up = TestUpstream::start().await;
