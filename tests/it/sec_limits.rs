@@ -563,7 +563,13 @@ async fn one_http2_connection_opens_at_most_max_upstream_per_connection() {
     let requests = (0..150).map(|_| {
         let h2 = h2.clone();
         let url = gw.url("/public/slow?ms=50");
-        tokio::spawn(async move { h2.get(url).send().await.map(|r| r.status().as_u16()) })
+        // Each body read to its end: a stream the client cancels leaves
+        // its upstream connection mid-response, and that one is closed.
+        tokio::spawn(async move {
+            let resp = h2.get(url).send().await?;
+            let status = resp.status().as_u16();
+            resp.bytes().await.map(|_| status)
+        })
     });
     for r in futures_util::future::join_all(requests).await {
         assert_eq!(r.unwrap().unwrap(), 200);
