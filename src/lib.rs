@@ -26,8 +26,12 @@
 //!
 //! # The path of a request
 //!
-//! [`server`] accepts a connection (HTTP/1.1 or h2c) and hands each request
-//! to [`proxy::Gateway::handle`]. It picks the longest matching route,
+//! [`server`] accepts a connection (HTTP/1.1 or h2c) under its connection,
+//! per-client and time limits, and hands each request to
+//! [`proxy::Gateway::handle`]. It normalizes the path once with
+//! [`path::normalize`] (400 for a path that reads two ways; that one path
+//! is routed on, logged, shown to policies and forwarded), picks the
+//! longest matching route,
 //! extracts the token from `Authorization: Bearer` or the session cookie,
 //! verifies its MAC with [`token::TokenKey`] (no store sees a forged
 //! token), and looks its hash up in [`store::SessionStore`]: the fast tier,
@@ -35,7 +39,8 @@
 //! chain of [`policy`] plugins then allows the request, extends the
 //! session's expiry or denies it. The request
 //! goes to an [`upstream::Upstream`] with client-supplied identity headers
-//! removed and the session's identity added. On the way back, the
+//! (and their look-alikes) removed and the session's identity added, its
+//! body bounded in size and pace, and only a WebSocket upgrade bridged. On the way back, the
 //! upstream's `x-sessiongate-login` / `-logout` headers create or revoke
 //! sessions and become `Set-Cookie`. Any failure becomes a
 //! [`error::ProxyError`] and, in one place, the contract's JSON error.
