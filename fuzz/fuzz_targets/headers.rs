@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
         peer_ip: &peer,
         request_id: &request_id,
     };
-    let identity = [USER.as_str(), SESSION.as_str()];
+    let identity = ["x-user-id", "x-session-id"];
     if let Err(name) = rewrite_request(&mut headers, &rewrite, carries_our_token) {
         assert!(reject, "only reject mode refuses: {name}");
         assert!(is_lookalike(name.as_str(), &identity), "{name} refused");
