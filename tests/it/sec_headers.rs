@@ -816,3 +816,94 @@ async fn a_502_body_carries_no_upstream_text() {
         assert!(!request_id.is_empty());
     }
 }
+
+// ---------------------------------------------------------------------------
+// What held before issue 9 and must keep holding: request smuggling by
+// conflicting body framing (CL.TE, TE.CL, obfuscated Transfer-Encoding).
+// ---------------------------------------------------------------------------
+
+/// Writes `request` to the gateway at `addr` and reads whatever comes back
+/// until the gateway closes or goes quiet; returns the status codes of the
+/// responses in it, in order.
+async fn statuses_for(addr: SocketAddr, request: &str) -> Vec<u16> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_secs(2), stream.read(&mut chunk)).await
+    {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&buf)
+        .match_indices("HTTP/1.1 ")
+        .filter_map(|(at, _)| {
+            let text = String::from_utf8_lossy(&buf[at + 9..]).into_owned();
+            text.get(..3)?.parse().ok()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_body_framing_smuggles_nothing_to_the_upstream() {
+    // A real HTTP/1.1 parser behind the gateway (Hypercorn/h11), which
+    // logs every request it reads: a desynchronised body would show up
+    // there as a request of its own.
+    let origin = H2cOrigin::start().await;
+    let gw = gateway(&origin.url()).await;
+    let smuggled =
+        "GET /secret HTTP/1.1\r\nHost: origin\r\nx-user-id: admin\r\nConnection: close\r\n\r\n";
+    let attacks = [
+        // CL.TE: the gateway must not read the Content-Length while the
+        // upstream reads chunks (or the other way round).
+        format!(
+            "POST /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+            5 + smuggled.len()
+        ),
+        // TE.CL: a chunk that, read by Content-Length, leaves a request behind.
+        format!(
+            "POST /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+            smuggled.len()
+        ),
+        // Obfuscated Transfer-Encoding values some servers read as chunked.
+        format!(
+            "POST /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: {}\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}",
+            5 + smuggled.len()
+        ),
+        format!(
+            "POST /public/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        // Two Content-Lengths that disagree.
+        format!(
+            "POST /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        ),
+    ];
+    for attack in &attacks {
+        let statuses = statuses_for(gw.addr, attack).await;
+        // Whatever the gateway made of it, a request it read for /secret
+        // was checked like any other: no session, 401.
+        assert!(
+            statuses.iter().all(|s| [200, 400, 401].contains(s)),
+            "{statuses:?} for {attack:?}"
+        );
+        assert!(
+            origin.seen_path("/secret").is_empty(),
+            "the upstream saw a smuggled request for {attack:?}: {:?}",
+            origin.seen()
+        );
+    }
+    // The positive control: the same origin does see what the gateway
+    // forwards, so an empty record is not why the test passes.
+    let statuses = statuses_for(
+        gw.addr,
+        "GET /public/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses, vec![200]);
+    assert!(origin.wait_for_path("/public/x").await.is_some());
+    assert!(origin.seen_path("/secret").is_empty());
+}
