@@ -374,6 +374,99 @@ where
     }
 }
 
+/// One side of a WebSocket tunnel, noting when bytes last moved, so that a
+/// tunnel where nothing moves either way can be closed after the idle
+/// timeout like any other idle connection.
+struct Tracked<T> {
+    io: T,
+    started: Instant,
+    /// Milliseconds after `started` when bytes last moved, either way.
+    last: Arc<AtomicU64>,
+}
+
+impl<T> Tracked<T> {
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        poll
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Copies bytes both ways between `client` and `upstream` until either
+/// side closes, or until nothing has moved either way for `idle`
+/// (`server.idle_timeout_ms`): a tunnel is a connection too, and an idle
+/// one must not hold its place under the caps forever. The watchdog looks
+/// every quarter of `idle`; nothing is added per byte but an atomic store.
+pub(crate) async fn tunnel<A, B>(client: A, upstream: B, idle: Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Tracked {
+        io: client,
+        started,
+        last: last.clone(),
+    };
+    let mut upstream = Tracked {
+        io: upstream,
+        started,
+        last: last.clone(),
+    };
+    let idle_ms = idle.as_millis() as u64;
+    let tick = (idle / 4).max(Duration::from_millis(1));
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = started.elapsed().as_millis() as u64;
+            if now.saturating_sub(last.load(Ordering::Relaxed)) >= idle_ms {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        _ = watchdog => tracing::debug!("closing an idle WebSocket tunnel"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -353,12 +353,16 @@ impl Gateway {
                 // The tunnel is still the client's connection: it keeps
                 // its place under the connection caps until it ends.
                 let connection = peer.conn.clone();
+                let idle = self.config.server.idle_timeout;
                 tokio::spawn(async move {
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client, upstream)) => {
-                            let mut client = TokioIo::new(client);
-                            let mut upstream = TokioIo::new(upstream);
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                            crate::limits::tunnel(
+                                TokioIo::new(client),
+                                TokioIo::new(upstream),
+                                idle,
+                            )
+                            .await;
                         }
                         Err(e) => tracing::warn!(request_id, error = %e, "upgrade failed"),
                     }

@@ -703,3 +703,64 @@ async fn a_client_that_stops_reading_its_response_is_dropped() {
     let (got, _) = closed_within(&mut reader, BOUND).await;
     assert!(got.len() < 64 << 20, "the whole response went out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_tunnel_is_closed_but_not_a_talking_one() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let up = TestUpstream::start().await;
+    let gw = gateway(
+        GatewaySpec::standard(&up.url()),
+        "idle_timeout_ms = 400",
+        "",
+    )
+    .await;
+    let connect = || async {
+        let request = format!("ws://{}/public/ws", gw.addr)
+            .into_client_request()
+            .unwrap();
+        let (ws, resp) = tokio::time::timeout(BOUND, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake in time")
+            .expect("handshake succeeds");
+        assert_eq!(resp.status(), 101);
+        ws
+    };
+
+    // A tunnel that keeps talking (every 100 ms, for 4 idle timeouts)
+    // stays open: only silence closes it.
+    let mut talking = connect().await;
+    for i in 0..16 {
+        let text = format!("ping {i}");
+        talking.send(Message::text(text.clone())).await.unwrap();
+        let echo = tokio::time::timeout(BOUND, talking.next())
+            .await
+            .expect("echo in time")
+            .expect("tunnel still open")
+            .expect("a message");
+        assert_eq!(echo.into_text().unwrap().as_str(), text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A silent one is closed: the client sees the end of the stream
+    // within a bounded time, after at least the idle timeout.
+    let mut silent = connect().await;
+    let opened = Instant::now();
+    let ended = tokio::time::timeout(BOUND, async {
+        loop {
+            match silent.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "an idle WebSocket tunnel was never closed");
+    assert!(
+        opened.elapsed() >= Duration::from_millis(300),
+        "closed before the idle timeout: {:?}",
+        opened.elapsed()
+    );
+}
