@@ -1329,3 +1329,81 @@ pub fn origin_header(seen: &Value, name: &str) -> Option<String> {
         .collect();
     (!values.is_empty()).then(|| values.join(", "))
 }
+
+// ---------------------------------------------------------------------------
+// The gateway binary as a process of its own
+// ---------------------------------------------------------------------------
+
+/// `sessiongate serve --config CONFIG` run from `dir`, its stdout and
+/// stderr in `dir/out.log`; killed on drop if still running (a failing
+/// test must not leave it behind).
+pub struct ServeProcess {
+    child: std::process::Child,
+    log_path: std::path::PathBuf,
+}
+
+impl ServeProcess {
+    pub fn spawn(dir: &std::path::Path, config_path: &std::path::Path) -> ServeProcess {
+        let log_path = dir.join("out.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config_path)
+            .current_dir(dir)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn the sessiongate binary");
+        ServeProcess { child, log_path }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process has logged so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The size of its log so far, without reading it.
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log_path)
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Waits until `addr` accepts connections; panics (with the log) if
+    /// the process exits first or `within` passes.
+    pub async fn wait_listening(&mut self, addr: SocketAddr, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while TcpStream::connect(addr).await.is_err() {
+            if let Some(status) = self.try_wait() {
+                panic!("sessiongate exited early with {status}:\n{}", self.output());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sessiongate did not listen on {addr}:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -799,18 +799,6 @@ async fn sighup_reloads_the_policies_of_the_running_binary() {
     assert!(exit.success(), "exit status {exit}");
 }
 
-/// Kills the gateway process if the test ends before it does.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// The value of the first Prometheus line starting with `prefix`.
 fn metric(text: &str, prefix: &str) -> Option<u64> {
     text.lines()
@@ -842,29 +830,9 @@ async fn a_plugin_flooding_the_log_is_held_to_its_rate() {
         spec.to_toml(&harness::database_url(&dir), &listen.to_string(), &admin),
     )
     .unwrap();
-    let log_path = dir.path().join("out.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config_path)
-        .current_dir(dir.path())
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn the sessiongate binary");
-    let mut child = KillOnDrop(child);
-    let output = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        if let Ok(Some(status)) = child.0.try_wait() {
-            panic!("sessiongate exited early with {status}:\n{}", output());
-        }
-        assert!(Instant::now() < deadline, "no listener:\n{}", output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut child = harness::ServeProcess::spawn(dir.path(), &config_path);
+    child.wait_listening(listen, Duration::from_secs(30)).await;
+    let output = || child.output();
 
     let client = harness::client();
     let resp = client
@@ -885,7 +853,7 @@ async fn a_plugin_flooding_the_log_is_held_to_its_rate() {
             .unwrap();
         assert_eq!(resp.status(), 200, "request {i}");
         // Checked as it goes: without a limit one request writes ~200 MiB.
-        let size = std::fs::metadata(&log_path).unwrap().len();
+        let size = child.log_len();
         assert!(
             size < 1 << 20,
             "after {i} requests the log holds {size} bytes"

@@ -1383,20 +1383,6 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let _dir = gw.dir;
 }
 
-/// Kills the child on drop (a failing test must not leave it running).
-struct ChildGuard(Option<std::process::Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut()
-            && matches!(child.try_wait(), Ok(None))
-        {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_and_exits_0_on_sigterm() {
     let up = TestUpstream::start().await;
@@ -1411,40 +1397,10 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
     );
     let config_path = dir.path().join("gateway.toml");
     std::fs::write(&config_path, text).unwrap();
-    let log_path = dir.path().join("out.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_sessiongate"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config_path)
-        .current_dir(dir.path())
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn the sessiongate binary");
-    let mut guard = ChildGuard(Some(child));
-    let pid = guard.0.as_ref().unwrap().id();
-    let output = || std::fs::read_to_string(&log_path).unwrap_or_default();
-
+    let mut process = ServeProcess::spawn(dir.path(), &config_path);
+    let pid = process.pid();
     let addr: std::net::SocketAddr = listen.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        if let Ok(Some(status)) = guard.0.as_mut().unwrap().try_wait() {
-            panic!("sessiongate exited early with {status}:\n{}", output());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sessiongate did not listen:\n{}",
-            output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    process.wait_listening(addr, Duration::from_secs(15)).await;
 
     // It is a working gateway. (The client stays alive, so idle keep-alive
     // connections are open during the shutdown.)
@@ -1508,13 +1464,13 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
     assert_eq!(slow_status, 200, "{slow_body}");
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
-        if let Some(status) = guard.0.as_mut().unwrap().try_wait().unwrap() {
+        if let Some(status) = process.try_wait() {
             break status;
         }
         assert!(
             Instant::now() < deadline,
             "sessiongate still running 5 s after SIGTERM:\n{}",
-            output()
+            process.output()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -1522,7 +1478,7 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
         status.code(),
         Some(0),
         "exit status {status}:\n{}",
-        output()
+        process.output()
     );
     assert!(connect_refused(addr).await);
     drop(http);
