@@ -120,6 +120,8 @@ struct RawServer {
     http2_keepalive_timeout_ms: Option<u64>,
     http2_max_concurrent_streams: Option<u64>,
     max_upstream_per_connection: Option<u64>,
+    trusted_proxies: Option<Vec<String>>,
+    proxy_protocol: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,6 +300,11 @@ pub struct ServerConfig {
     /// Upstream requests one client connection may have in flight (and so
     /// upstream connections it can make the gateway open).
     pub max_upstream_per_connection: usize,
+    /// Peers whose `X-Forwarded-For` / `X-Forwarded-Proto` (and PROXY
+    /// header) are believed; empty trusts nobody. See `forwarded.rs`.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Trusted peers start each connection with a PROXY protocol header.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Clone)]
@@ -608,7 +615,16 @@ impl Config {
                 raw.server.max_upstream_per_connection,
                 16,
             ) as usize,
+            trusted_proxies: trusted_proxies(&mut v, raw.server.trusted_proxies.as_deref()),
+            proxy_protocol: raw.server.proxy_protocol.unwrap_or(false),
         };
+        if server.proxy_protocol && server.trusted_proxies.is_empty() {
+            v.problem(
+                "server.proxy_protocol",
+                "needs server.trusted_proxies: the PROXY header is read only from trusted peers \
+                 (list your load balancers' addresses there)",
+            );
+        }
 
         let admin = raw.admin.map(|a| {
             let token = a.token.unwrap_or_default();
@@ -1044,6 +1060,18 @@ fn parse_upstream_url(raw: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
+/// `server.trusted_proxies`: every entry a CIDR or an address.
+fn trusted_proxies(v: &mut Validator, entries: Option<&[String]>) -> Vec<ipnet::IpNet> {
+    let mut nets = Vec::new();
+    for (i, entry) in entries.unwrap_or_default().iter().enumerate() {
+        match crate::forwarded::TrustedProxies::parse_entry(entry) {
+            Ok(net) => nets.push(net),
+            Err(message) => v.problem(format!("server.trusted_proxies[{i}]"), message),
+        }
+    }
+    nets
+}
+
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
@@ -1188,6 +1216,43 @@ mod tests {
             assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
         }
         assert!(err.to_string().starts_with("<inline>: key `"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs_or_addresses() {
+        let c = Config::from_toml_str(&format!(
+            "{MINIMAL}\n[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"fd00::/8\"]\nproxy_protocol = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.trusted_proxies.len(), 3);
+        assert!(c.server.proxy_protocol);
+        assert!(
+            Config::from_toml_str(MINIMAL)
+                .unwrap()
+                .server
+                .trusted_proxies
+                .is_empty()
+        );
+
+        let err = Config::from_toml_str(&format!(
+            "{MINIMAL}\n[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"10.0.0.300\", \"lb.internal\"]\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["server.trusted_proxies[1]", "server.trusted_proxies[2]"]
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("\"10.0.0.300\"") && text.contains("\"lb.internal\""),
+            "{text}"
+        );
+
+        // The PROXY header is only ever read from trusted peers.
+        let err = Config::from_toml_str(&format!("{MINIMAL}\n[server]\nproxy_protocol = true\n"))
+            .unwrap_err();
+        assert_eq!(err.problems()[0].key, "server.proxy_protocol");
     }
 
     #[test]

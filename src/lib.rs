@@ -13,6 +13,7 @@
 //! | [`path`] | the request path's one normal form (what is routed on, logged and forwarded), or 400 |
 //! | [`proxy`] | the request path: route → authenticate → rewrite → forward → respond |
 //! | [`upstream`] | pooled upstream clients, round robin, skipping refused URLs |
+//! | [`forwarded`] | behind a load balancer: `server.trusted_proxies`, the `X-Forwarded-For` walk, the PROXY protocol header (public for the fuzz targets) |
 //! | `limits` | per-client connection cap, upstream requests per connection, request body size and pace |
 //! | [`headers`] | header constants, hop-by-hop removal, cookie and bearer parsing |
 //! | [`token`] | token issue and verification (CSPRNG + MAC), the stored hash |
@@ -27,8 +28,10 @@
 //! # The path of a request
 //!
 //! [`server`] accepts a connection (HTTP/1.1 or h2c) under its connection,
-//! per-client and time limits, and hands each request to
-//! [`proxy::Gateway::handle`]. It normalizes the path once with
+//! per-client and time limits (after a PROXY protocol header, from a
+//! trusted load balancer: [`forwarded`]), and hands each request to
+//! [`proxy::Gateway::handle`], which first settles who the client is
+//! (a trusted proxy's `X-Forwarded-For`). It normalizes the path once with
 //! [`path::normalize`] (400 for a path that reads two ways; that one path
 //! is routed on, logged, shown to policies and forwarded), picks the
 //! longest matching route,
@@ -49,6 +52,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod forwarded;
 pub mod headers;
 pub(crate) mod limits;
 pub mod metrics;

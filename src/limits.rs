@@ -106,18 +106,25 @@ fn client_key(ip: IpAddr) -> IpAddr {
 // ---------------------------------------------------------------------------
 
 /// What an accepted connection holds of its listener's budgets: a place
-/// under `max_connections` and one of its client's connections.
+/// under `max_connections` and one of its client's connections (none for
+/// a trusted proxy, which speaks for many clients: `forwarded.rs`).
 pub(crate) struct ConnBudget {
     _listener: OwnedSemaphorePermit,
-    _client: ClientSlot,
+    _client: Option<ClientSlot>,
 }
 
 impl ConnBudget {
-    pub(crate) fn new(listener: OwnedSemaphorePermit, client: ClientSlot) -> ConnBudget {
+    pub(crate) fn new(listener: OwnedSemaphorePermit, client: Option<ClientSlot>) -> ConnBudget {
         ConnBudget {
             _listener: listener,
             _client: client,
         }
+    }
+
+    /// Counts the connection under the client a PROXY header named.
+    pub(crate) fn with_client(mut self, client: ClientSlot) -> ConnBudget {
+        self._client = Some(client);
+        self
     }
 }
 

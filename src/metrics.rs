@@ -100,6 +100,9 @@ pub struct Metrics {
     /// Pending activity records dropped because the write-behind buffer
     /// was full (`store.activity_buffer_capacity`).
     pub activity_dropped: Counter,
+    /// Connections from trusted proxies closed for want of a valid PROXY
+    /// protocol header (`server.proxy_protocol`), by reason.
+    pub proxy_protocol_rejections: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -211,6 +214,12 @@ impl Metrics {
             "Pending activity records dropped (oldest first) because store.activity_buffer_capacity sessions were already waiting",
             activity_dropped.clone(),
         );
+        let proxy_protocol_rejections = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "proxy_protocol_rejections",
+            "Connections from trusted proxies closed before any request for a missing, malformed, oversized, cut-short or late PROXY protocol header, by reason",
+            proxy_protocol_rejections.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -230,6 +239,7 @@ impl Metrics {
             local_cache,
             plugin_log_dropped,
             activity_dropped,
+            proxy_protocol_rejections,
         }
     }
 

@@ -28,7 +28,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,6 +40,7 @@ use hyper_util::rt::TokioIo;
 use crate::body::{self, Body};
 use crate::config::{AuthMode, Config, LookalikeHeaders, RouteConfig};
 use crate::error::ProxyError;
+use crate::forwarded::{self, TrustedProxies};
 use crate::headers::{self as h, X_REQUEST_ID};
 use crate::limits::{ConnBudget, ConnState, LimitedBody};
 use crate::metrics::{Metrics, ReasonLabels};
@@ -58,6 +59,8 @@ pub struct Gateway {
     pub policies: Arc<Policies>,
     routes: Vec<Route>,
     upstreams: Vec<Arc<Upstream>>,
+    /// `server.trusted_proxies`.
+    trusted: TrustedProxies,
 }
 
 /// A configured route with its metric label.
@@ -131,7 +134,9 @@ impl Gateway {
         // of two of one length, the exact-case one.
         routes.sort_by_key(|r| (std::cmp::Reverse(r.prefix.len()), r.case_insensitive));
         let upstreams = config.upstreams.iter().map(Upstream::new).collect();
+        let trusted = TrustedProxies::new(config.server.trusted_proxies.iter().copied());
         Gateway {
+            trusted,
             config,
             store,
             token_key,
@@ -168,6 +173,8 @@ impl Gateway {
         B::Error: Into<body::BoxError>,
     {
         let started = Instant::now();
+        let peer = self.forwarded(peer, req.headers());
+        let (client, tcp_peer) = (peer.client, peer.tcp_peer);
         let request_id = request_id(req.headers());
         let method = req.method().clone();
         // From here on the request carries only its normalized path:
@@ -220,6 +227,8 @@ impl Gateway {
         tracing::info!(
             target: "sessiongate::access",
             request_id = request_id_text(&request_id),
+            client = %client,
+            peer = %tcp_peer,
             method = %method,
             path = %path,
             route = %outcome.route,
@@ -280,7 +289,7 @@ impl Gateway {
             uri: req.uri().clone(),
             host: req.headers().get(header::HOST).cloned(),
             user_agent: req.headers().get(header::USER_AGENT).cloned(),
-            peer: peer.addr,
+            client: peer.client,
         };
         if let (Some(s), Presented::Valid(key)) = (&session, presented) {
             let chain = self.policies.chain();
@@ -486,7 +495,32 @@ impl Gateway {
             request_id,
         };
         h::rewrite_request(headers, &rewrite, |v| self.carries_our_token(v))
-            .map_err(|name| ProxyError::ForbiddenHeader(name.as_str().to_string()))
+            .map_err(|name| ProxyError::ForbiddenHeader(name.as_str().to_string()))?;
+        // A trusted proxy's word on the client's scheme wins over the
+        // connection's own.
+        if let Some(proto) = peer.forwarded_proto {
+            headers.insert(h::X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        Ok(())
+    }
+
+    /// `peer` with the request's client as the trusted-proxy rules have
+    /// it (`forwarded.rs`): from a trusted peer, the rightmost untrusted
+    /// `X-Forwarded-For` hop, the verified chain for the upstream, and
+    /// `X-Forwarded-Proto`; from any other, `peer` unchanged (and no
+    /// work: the common case).
+    fn forwarded(&self, mut peer: Peer, headers: &HeaderMap) -> Peer {
+        if !self.trusted.contains(peer.addr.ip()) {
+            return peer;
+        }
+        let values =
+            |name: http::HeaderName| headers.get_all(name).into_iter().map(HeaderValue::as_bytes);
+        let resolved =
+            forwarded::resolve(&self.trusted, peer.addr.ip(), values(h::X_FORWARDED_FOR));
+        peer.client = resolved.client;
+        peer.ip = resolved.header_value();
+        peer.forwarded_proto = forwarded::forwarded_proto(values(h::X_FORWARDED_PROTO));
+        peer
     }
 
     /// Sets the identity headers of `session` (public for the benches).
@@ -643,7 +677,7 @@ struct RequestContext {
     uri: http::Uri,
     host: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
-    peer: SocketAddr,
+    client: IpAddr,
 }
 
 impl RequestContext {
@@ -666,7 +700,7 @@ impl RequestContext {
             method: self.method.to_string(),
             path: self.uri.path().to_string(),
             host,
-            client_addr: self.peer.ip().to_string(),
+            client_addr: self.client.to_string(),
             user_agent: text(&self.user_agent),
         }
     }
@@ -740,8 +774,20 @@ fn request_id_text(id: &HeaderValue) -> &str {
 /// requests share (requests in flight, upstream request slots).
 #[derive(Clone)]
 pub struct Peer {
+    /// The connection's client: the TCP peer, or the source address of
+    /// a trusted proxy's PROXY protocol header.
     pub addr: SocketAddr,
+    /// The `X-Forwarded-For` value for the upstream: `addr`, or a trusted
+    /// peer's verified chain once the request's header has been walked.
     ip: HeaderValue,
+    /// The request's client (logs, policies): `addr`'s address, or the
+    /// one a trusted peer's `X-Forwarded-For` gives.
+    pub(crate) client: IpAddr,
+    /// The socket's peer (a load balancer, with the PROXY protocol), logged
+    /// alongside the client.
+    pub(crate) tcp_peer: SocketAddr,
+    /// A trusted peer's `X-Forwarded-Proto`: `http` or `https`.
+    pub(crate) forwarded_proto: Option<&'static str>,
     pub(crate) conn: Arc<ConnState>,
 }
 
@@ -765,13 +811,23 @@ impl Peer {
         max_upstream: usize,
         budget: Option<ConnBudget>,
     ) -> Peer {
-        let ip =
-            HeaderValue::from_str(&addr.ip().to_string()).expect("an IP address is header-safe");
+        let client = forwarded::canonical(addr.ip());
+        let ip = HeaderValue::from_str(&client.to_string()).expect("an IP address is header-safe");
         Peer {
             addr,
             ip,
+            client,
+            tcp_peer: addr,
+            forwarded_proto: None,
             conn: ConnState::new(max_upstream, budget),
         }
+    }
+
+    /// The same client, reached through `tcp_peer` (a load balancer that
+    /// sent a PROXY protocol header).
+    pub(crate) fn via(mut self, tcp_peer: SocketAddr) -> Peer {
+        self.tcp_peer = tcp_peer;
+        self
     }
 }
 

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::admin::Admin;
 use crate::body::Body;
 use crate::config::{Config, ServerConfig, redact_url};
+use crate::forwarded::Edge;
 use crate::limits::{ClientCounts, ConnBudget, ConnState};
 use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyChain};
@@ -274,16 +275,39 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         tasks.push(tokio::spawn(serve(
             admin_listener,
             limits,
+            Edge::default(),
             http_builder(&config.server),
             shutdown_rx.clone(),
             move |req, _peer: &Peer| admin.clone().handle(req),
         )));
     }
 
+    let edge = Edge::new(&config.server, &gateway.metrics);
+    if !config.server.trusted_proxies.is_empty() {
+        let trusted: Vec<String> = config
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        if edge.trusts_everyone() {
+            tracing::warn!(
+                ?trusted,
+                "server.trusted_proxies trusts every address: any client can choose the address the gateway logs and forwards"
+            );
+        } else {
+            tracing::info!(
+                ?trusted,
+                proxy_protocol = config.server.proxy_protocol,
+                "believing X-Forwarded-For from trusted proxies"
+            );
+        }
+    }
     let proxy_gateway = gateway.clone();
     tasks.push(tokio::spawn(serve(
         listener,
         ConnLimits::from(&config.server),
+        edge,
         http_builder(&config.server),
         shutdown_rx.clone(),
         move |req, peer: &Peer| proxy_gateway.clone().handle(req, peer.clone()),
@@ -460,11 +484,13 @@ enum Phase {
 }
 
 /// Accepts connections until shutdown, at most `limits.max_connections`
-/// at once and `limits.per_client` per client address, serving HTTP/1.1
-/// (with upgrades) and cleartext HTTP/2 on each.
+/// at once and `limits.per_client` per client address (trusted proxies
+/// exempt; behind the PROXY protocol, per the address it gives), serving
+/// HTTP/1.1 (with upgrades) and cleartext HTTP/2 on each.
 async fn serve<F, Fut>(
     listener: TcpListener,
     limits: ConnLimits,
+    edge: Edge,
     builder: auto::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
     handler: F,
@@ -499,20 +525,40 @@ async fn serve<F, Fut>(
             },
             _ = shutdown.changed() => break,
         };
-        let Some(client_slot) = clients.admit(peer.ip()) else {
-            tracing::debug!(%peer, max = limits.per_client, "connection refused: too many from this client");
-            continue;
+        let client_slot = if edge.trusts(peer.ip()) {
+            None
+        } else {
+            let Some(slot) = clients.admit(peer.ip()) else {
+                tracing::debug!(%peer, max = limits.per_client, "connection refused: too many from this client");
+                continue;
+            };
+            Some(slot)
         };
+        let mut stream = stream;
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
-            stream,
-            peer,
+        let (edge, clients, builder, handler) = (
+            edge.clone(),
+            clients.clone(),
             builder.clone(),
             handler.clone(),
-            limits,
-            phase.subscribe(),
-            ConnBudget::new(permit, client_slot),
-        ));
+        );
+        let phase = phase.subscribe();
+        let budget = ConnBudget::new(permit, client_slot);
+        tokio::spawn(async move {
+            // Before anything else on the connection (TLS included): a
+            // trusted balancer's PROXY header.
+            let Some((client, budget)) = edge
+                .client_of(&mut stream, peer, budget, &clients, limits.first_byte)
+                .await
+            else {
+                return;
+            };
+            let peer = Accepted {
+                client,
+                tcp_peer: peer,
+            };
+            connection(stream, peer, builder, handler, limits, phase, budget).await;
+        });
     }
     drop(listener);
     phase.send_replace(Phase::Draining);
@@ -534,7 +580,7 @@ async fn serve<F, Fut>(
 /// a WebSocket tunnel it became included.
 async fn connection<F, Fut>(
     stream: TcpStream,
-    peer: SocketAddr,
+    peer: Accepted,
     builder: Arc<auto::Builder<TokioExecutor>>,
     handler: F,
     limits: ConnLimits,
@@ -560,7 +606,8 @@ async fn connection<F, Fut>(
         _ = phase.changed() => return,
     };
 
-    let client = Peer::for_connection(peer, limits.max_upstream, Some(budget));
+    let client =
+        Peer::for_connection(peer.client, limits.max_upstream, Some(budget)).via(peer.tcp_peer);
     let state = client.conn.clone();
     io.watch_writes(state.clone());
     let service = service_fn(move |req| {
@@ -651,6 +698,24 @@ async fn connection<F, Fut>(
                 }
                 watchdog.as_mut().reset(now + tick);
             }
+        }
+    }
+}
+
+/// Who an accepted connection is from: the client (the PROXY header's
+/// source, or the socket's peer) and the socket's peer.
+#[derive(Debug, Clone, Copy)]
+struct Accepted {
+    client: SocketAddr,
+    tcp_peer: SocketAddr,
+}
+
+impl std::fmt::Display for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.client == self.tcp_peer {
+            write!(f, "{}", self.client)
+        } else {
+            write!(f, "{} via {}", self.client, self.tcp_peer)
         }
     }
 }

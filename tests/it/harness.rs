@@ -1095,7 +1095,7 @@ pub struct NginxOrigin {
     dir: TempDir,
 }
 
-fn nginx_binary() -> std::path::PathBuf {
+pub fn nginx_binary() -> std::path::PathBuf {
     let on_path = std::env::var_os("PATH")
         .map(|paths| {
             std::env::split_paths(&paths)
@@ -1197,7 +1197,7 @@ impl Drop for NginxOrigin {
 
 /// Waits (up to 10 s) until `addr` accepts connections; false when the
 /// child exited first (e.g. its port was taken).
-async fn wait_listening(addr: SocketAddr, child: &mut tokio::process::Child) -> bool {
+pub async fn wait_listening(addr: SocketAddr, child: &mut tokio::process::Child) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

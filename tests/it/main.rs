@@ -7,6 +7,7 @@ mod harness;
 mod hybrid;
 mod policies;
 mod proxy;
+mod sec_forwarded;
 mod sec_headers;
 mod sec_limits;
 mod sec_origins;

@@ -31,7 +31,7 @@ fn bundled(name: &str) -> String {
     plugins().join(format!("{name}.wasm")).display().to_string()
 }
 
-fn testing(name: &str) -> String {
+pub(crate) fn testing(name: &str) -> String {
     plugins()
         .join("testing")
         .join(format!("{name}.wasm"))
