@@ -18,6 +18,8 @@ use http::Uri;
 use http::header::HeaderName;
 use serde::Deserialize;
 
+use crate::backend_tls::{self, TlsFile, UpstreamTls, UpstreamTlsFiles};
+
 /// Every way a configuration can be wrong, each naming where and what.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -155,6 +157,10 @@ struct RawStore {
     negative_cache_capacity: Option<u64>,
     negative_cache_ttl_ms: Option<u64>,
     activity_buffer_capacity: Option<u64>,
+    redis_ca_file: Option<String>,
+    redis_client_cert_file: Option<String>,
+    redis_client_key_file: Option<String>,
+    database_ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +198,10 @@ struct RawUpstream {
     urls: Vec<String>,
     connect_timeout_ms: Option<u64>,
     timeout_ms: Option<u64>,
+    ca_file: Option<String>,
+    client_cert_file: Option<String>,
+    client_key_file: Option<String>,
+    server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -353,6 +363,15 @@ pub struct StoreConfig {
     /// Sessions whose activity may wait for the next flush; beyond this
     /// the oldest is dropped (and counted).
     pub activity_buffer_capacity: usize,
+    /// TLS to Redis (`rediss://`): the CA to verify it with (else the
+    /// system roots), and the client certificate for Redis's
+    /// `tls-auth-clients`.
+    pub redis_ca_file: Option<PathBuf>,
+    pub redis_client_cert_file: Option<PathBuf>,
+    pub redis_client_key_file: Option<PathBuf>,
+    /// The CA PostgreSQL's certificate is verified with
+    /// (`sslmode=verify-ca|verify-full`).
+    pub database_ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -420,6 +439,8 @@ pub struct UpstreamConfig {
     pub urls: Vec<Uri>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// The TLS client of the `https://` URLs; none when all are `http://`.
+    pub(crate) tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -647,6 +668,7 @@ impl Config {
         let database_url = raw
             .store
             .database_url
+            .clone()
             .unwrap_or_else(|| "sqlite://sessiongate.db".into());
         let known = ["sqlite:", "postgres://", "postgresql://"];
         if !known.iter().any(|k| database_url.starts_with(k)) {
@@ -661,6 +683,8 @@ impl Config {
         {
             v.problem("store.redis_url", "must start with redis:// or rediss://");
         }
+        let redis_tls = redis_tls_files(&mut v, &raw.store, base);
+        let database_ca_file = database_ca_file(&mut v, &raw.store, &database_url, base);
         let local_cache_ttl_ms = raw.store.local_cache_ttl_ms.unwrap_or(0);
         if local_cache_ttl_ms > 0 && raw.store.redis_url.is_none() {
             v.problem(
@@ -736,6 +760,10 @@ impl Config {
                 raw.store.activity_buffer_capacity,
                 100_000,
             ) as usize,
+            redis_ca_file: redis_tls.ca_file,
+            redis_client_cert_file: redis_tls.client_cert_file,
+            redis_client_key_file: redis_tls.client_key_file,
+            database_ca_file,
         };
         if store.min_connections > store.max_connections {
             v.problem(
@@ -838,7 +866,7 @@ impl Config {
         let mut names = HashSet::new();
         for (i, u) in raw.upstreams.into_iter().enumerate() {
             let key = |field: &str| format!("upstreams[{i}].{field}");
-            let name = u.name.unwrap_or_default();
+            let name = u.name.clone().unwrap_or_default();
             if name.is_empty() {
                 v.problem(key("name"), "is required");
             } else if !names.insert(name.clone()) {
@@ -854,6 +882,7 @@ impl Config {
                     Err(msg) => v.problem(format!("upstreams[{i}].urls[{j}]"), msg),
                 }
             }
+            let tls = upstream_tls(&mut v, i, &u, &urls, base);
             upstreams.push(UpstreamConfig {
                 name,
                 urls,
@@ -867,6 +896,7 @@ impl Config {
                     u.timeout_ms,
                     30_000,
                 )),
+                tls,
             });
         }
 
@@ -1036,15 +1066,224 @@ pub fn redact_url(url: &str) -> String {
     url.to_string()
 }
 
+/// A TLS file's path, resolved against the config file's directory.
+fn tls_path(base: &Path, raw: &Option<String>) -> Option<PathBuf> {
+    raw.as_deref().map(|p| base.join(p))
+}
+
+#[derive(Default)]
+struct RedisTlsFiles {
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+}
+
+/// `store.redis_ca_file` and the client certificate: only with a
+/// `rediss://` URL, readable, and the certificate with its key.
+fn redis_tls_files(v: &mut Validator, store: &RawStore, base: &Path) -> RedisTlsFiles {
+    let files = RedisTlsFiles {
+        ca_file: tls_path(base, &store.redis_ca_file),
+        client_cert_file: tls_path(base, &store.redis_client_cert_file),
+        client_key_file: tls_path(base, &store.redis_client_key_file),
+    };
+    let url = store.redis_url.as_deref().unwrap_or("");
+    if let Some((_, fragment)) = url.split_once('#')
+        && fragment == "insecure"
+    {
+        // The redis crate would skip verifying the server's certificate:
+        // anyone on the path could then read and forge sessions.
+        v.problem(
+            "store.redis_url",
+            "the #insecure fragment turns off certificate verification, which the gateway \
+             does not allow; trust a private CA with store.redis_ca_file instead",
+        );
+    }
+    let any = files.ca_file.is_some()
+        || files.client_cert_file.is_some()
+        || files.client_key_file.is_some();
+    if any && !url.starts_with("rediss://") {
+        for (key, set) in [
+            ("store.redis_ca_file", files.ca_file.is_some()),
+            (
+                "store.redis_client_cert_file",
+                files.client_cert_file.is_some(),
+            ),
+            (
+                "store.redis_client_key_file",
+                files.client_key_file.is_some(),
+            ),
+        ] {
+            if set {
+                v.problem(
+                    key,
+                    "applies only to Redis over TLS: store.redis_url must start with rediss://",
+                );
+            }
+        }
+        return files;
+    }
+    if let Some(ca) = &files.ca_file
+        && let Err(e) = backend_tls::read_certificates(ca)
+    {
+        v.problem("store.redis_ca_file", e);
+    }
+    client_identity(
+        v,
+        files.client_cert_file.as_deref(),
+        files.client_key_file.as_deref(),
+        "store.redis_client_cert_file",
+        "store.redis_client_key_file",
+    );
+    files
+}
+
+/// A client certificate and its key: both or neither, and usable together.
+fn client_identity(
+    v: &mut Validator,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    cert_key: &str,
+    key_key: &str,
+) {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            if let Err((which, e)) = backend_tls::check_client_identity(cert, key) {
+                let name = if which == TlsFile::ClientCert {
+                    cert_key
+                } else {
+                    key_key
+                };
+                v.problem(name, e);
+            }
+        }
+        (Some(_), None) => v.problem(key_key, format!("is required with {cert_key}")),
+        (None, Some(_)) => v.problem(cert_key, format!("is required with {key_key}")),
+        (None, None) => {}
+    }
+}
+
+/// `store.database_ca_file`: only for PostgreSQL with an `sslmode` that
+/// verifies the server's certificate (with `prefer` or `require` the CA
+/// would be silently ignored).
+fn database_ca_file(
+    v: &mut Validator,
+    store: &RawStore,
+    database_url: &str,
+    base: &Path,
+) -> Option<PathBuf> {
+    let path = tls_path(base, &store.database_ca_file)?;
+    const KEY: &str = "store.database_ca_file";
+    if !database_url.starts_with("postgres") {
+        v.problem(
+            KEY,
+            "applies only to PostgreSQL (a postgres:// store.database_url)",
+        );
+        return Some(path);
+    }
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    match database_url.parse::<PgConnectOptions>() {
+        Ok(options) => {
+            if !matches!(
+                options.get_ssl_mode(),
+                PgSslMode::VerifyCa | PgSslMode::VerifyFull
+            ) {
+                v.problem(
+                    KEY,
+                    "needs sslmode=verify-full (or verify-ca) in store.database_url: \
+                     with any other sslmode the server's certificate is not checked",
+                );
+            }
+        }
+        Err(e) => v.problem(
+            "store.database_url",
+            format!("{}: {e}", redact_url(database_url)),
+        ),
+    }
+    if let Err(e) = backend_tls::read_certificates(&path) {
+        v.problem(KEY, e);
+    }
+    Some(path)
+}
+
+/// The TLS client of an upstream with `https://` URLs, built once here.
+fn upstream_tls(
+    v: &mut Validator,
+    i: usize,
+    u: &RawUpstream,
+    urls: &[Uri],
+    base: &Path,
+) -> Option<UpstreamTls> {
+    let key = |field: &str| format!("upstreams[{i}].{field}");
+    let ca_file = tls_path(base, &u.ca_file);
+    let client_cert_file = tls_path(base, &u.client_cert_file);
+    let client_key_file = tls_path(base, &u.client_key_file);
+    let https = urls.iter().any(|url| url.scheme_str() == Some("https"));
+    if !https {
+        for (field, set) in [
+            ("ca_file", ca_file.is_some()),
+            ("client_cert_file", client_cert_file.is_some()),
+            ("client_key_file", client_key_file.is_some()),
+            ("server_name", u.server_name.is_some()),
+        ] {
+            if set {
+                v.problem(
+                    key(field),
+                    "applies only to https:// URLs, and this upstream has none",
+                );
+            }
+        }
+        return None;
+    }
+    let server_name = match u.server_name.as_deref() {
+        Some(name) => match backend_tls::server_name(name) {
+            Ok(name) => Some(name),
+            Err(e) => {
+                v.problem(key("server_name"), e);
+                None
+            }
+        },
+        None => None,
+    };
+    let problems_before = v.problems.len();
+    client_identity(
+        v,
+        client_cert_file.as_deref(),
+        client_key_file.as_deref(),
+        &key("client_cert_file"),
+        &key("client_key_file"),
+    );
+    if v.problems.len() > problems_before {
+        return None;
+    }
+    let built = backend_tls::upstream_tls(UpstreamTlsFiles {
+        ca_file: ca_file.as_deref(),
+        client_cert_file: client_cert_file.as_deref(),
+        client_key_file: client_key_file.as_deref(),
+        server_name,
+    });
+    match built {
+        Ok(tls) => Some(tls),
+        Err((which, e)) => {
+            let field = match which {
+                TlsFile::Ca => "ca_file",
+                TlsFile::ClientCert => "client_cert_file",
+                TlsFile::ClientKey => "client_key_file",
+            };
+            v.problem(key(field), e);
+            None
+        }
+    }
+}
+
 fn parse_upstream_url(raw: &str) -> Result<Uri, String> {
     let uri: Uri = raw
         .parse()
         .map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
+        Some("http") | Some("https") => {}
         Some(other) => {
             return Err(format!(
-                "{raw:?}: scheme {other:?} is not supported (only http://)"
+                "{raw:?}: scheme {other:?} is not supported (only http:// and https://)"
             ));
         }
         None => return Err(format!("{raw:?} needs a scheme, e.g. http://host:port")),
@@ -1268,10 +1507,11 @@ mod tests {
     }
 
     #[test]
-    fn upstream_urls_must_be_bare_http_origins() {
+    fn upstream_urls_must_be_bare_http_or_https_origins() {
         assert!(parse_upstream_url("http://127.0.0.1:3000").is_ok());
         assert!(parse_upstream_url("http://127.0.0.1:3000/").is_ok());
-        assert!(parse_upstream_url("https://example.com").is_err());
+        assert!(parse_upstream_url("https://example.com").is_ok());
+        assert!(parse_upstream_url("ftp://example.com").is_err());
         assert!(parse_upstream_url("http://a/b").is_err());
         assert!(parse_upstream_url("127.0.0.1:3000").is_err());
     }

@@ -12,7 +12,8 @@
 //! | [`server`] | stores, listeners, connection cap, background tasks, graceful shutdown |
 //! | [`path`] | the request path's one normal form (what is routed on, logged and forwarded), or 400 |
 //! | [`proxy`] | the request path: route → authenticate → rewrite → forward → respond |
-//! | [`upstream`] | pooled upstream clients, round robin, skipping refused URLs |
+//! | [`upstream`] | pooled upstream clients (HTTP and HTTPS), round robin, skipping refused URLs |
+//! | `backend_tls` | TLS to the backends: PEM files checked at config time, the rustls client of HTTPS upstreams |
 //! | [`forwarded`] | behind a load balancer: `server.trusted_proxies`, the `X-Forwarded-For` walk, the PROXY protocol header (public for the fuzz targets) |
 //! | `limits` | per-client connection cap, upstream requests per connection, request body size and pace |
 //! | [`headers`] | header constants, hop-by-hop removal, cookie and bearer parsing |
@@ -49,6 +50,7 @@
 //! [`error::ProxyError`] and, in one place, the contract's JSON error.
 
 pub mod admin;
+pub(crate) mod backend_tls;
 pub mod body;
 pub mod config;
 pub mod error;

@@ -37,7 +37,7 @@ use crate::proxy::{Gateway, Peer};
 use crate::store::layered::LayeredTier;
 use crate::store::memory::MemoryTier;
 use crate::store::postgres::{PoolSettings, PostgresTier};
-use crate::store::redis::RedisTier;
+use crate::store::redis::{RedisTier, RedisTls};
 use crate::store::sqlite::SqliteTier;
 use crate::store::{DurableTier, FastTier, SessionStore, StoreError, StoreOptions};
 use crate::token::TokenKey;
@@ -81,7 +81,7 @@ pub async fn open_durable(config: &Config) -> Result<Arc<dyn DurableTier>, Start
             acquire_timeout: store.connect_timeout,
             idle_timeout: Duration::from_secs(300),
         };
-        let tier = PostgresTier::connect(url, &settings)
+        let tier = PostgresTier::connect_with_ca(url, &settings, store.database_ca_file.as_deref())
             .await
             .map_err(|e| store_error("durable (postgres)", config, e))?;
         Ok(Arc::new(tier))
@@ -100,13 +100,17 @@ pub fn open_fast(config: &Config, metrics: &Metrics) -> Result<Arc<dyn FastTier>
     let Some(url) = &store.redis_url else {
         return Ok(Arc::new(MemoryTier::new(store.memory_capacity)));
     };
-    let redis = RedisTier::connect(url, &store.redis_prefix, store.redis_timeout).map_err(|e| {
-        StartError::Store {
+    let tls = RedisTls {
+        ca_file: store.redis_ca_file.clone(),
+        client_cert_file: store.redis_client_cert_file.clone(),
+        client_key_file: store.redis_client_key_file.clone(),
+    };
+    let redis = RedisTier::connect_tls(url, &store.redis_prefix, store.redis_timeout, &tls)
+        .map_err(|e| StartError::Store {
             tier: "fast (redis)",
             address: redact_url(url),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let redis = Arc::new(redis);
     if store.local_cache_ttl.is_zero() {
         Ok(redis)

@@ -15,6 +15,14 @@
 //! once that connection exists, so a request whose connection fails (body
 //! or not) is retried on the next URL; one that an idle connection closed
 //! under it before sending is retried on another connection.
+//!
+//! An `https://` URL gets the same pool: the connection is TLS (the
+//! upstream's rustls client, built once when the config was validated)
+//! under the same HTTP/1.1 client, and is kept alive and reused exactly as
+//! a plain one, so a handshake is paid per connection, not per request.
+//! The TCP connect and the TLS handshake share `connect_timeout_ms`, and a
+//! failed handshake (an untrusted or misnamed certificate) benches the URL
+//! like a refused connection.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -31,7 +39,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
@@ -69,6 +79,9 @@ struct Target {
     authority: HeaderValue,
     benched_until: AtomicI64,
     idle: Mutex<Vec<Idle>>,
+    /// For an `https://` URL: the upstream's TLS client and the name the
+    /// certificate must carry.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
 impl Target {
@@ -111,6 +124,10 @@ pub struct Upstream {
 enum ConnectError {
     Io(std::io::Error),
     TimedOut,
+    Tls {
+        server_name: String,
+        error: std::io::Error,
+    },
     Handshake(hyper::Error),
 }
 
@@ -119,6 +136,13 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Io(e) => write!(f, "{e}"),
             ConnectError::TimedOut => f.write_str("connect timed out"),
+            ConnectError::Tls { server_name, error } => {
+                write!(
+                    f,
+                    "TLS handshake as {server_name:?} failed: {}",
+                    error_chain(error)
+                )
+            }
             ConnectError::Handshake(e) => write!(f, "{}", error_chain(e)),
         }
     }
@@ -133,23 +157,36 @@ impl Upstream {
                 .iter()
                 .map(|base| {
                     let host = base.host().unwrap_or("127.0.0.1");
-                    let port = base.port_u16().unwrap_or(80);
+                    // `[::1]` is how a URL writes an IPv6 host; a socket
+                    // address and a server name want it bare.
+                    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+                    let https = base.scheme_str() == Some("https");
+                    let port = base.port_u16().unwrap_or(if https { 443 } else { 80 });
+                    let tls = match (&config.tls, https) {
+                        (Some(tls), true) => {
+                            let name = tls
+                                .server_name
+                                .clone()
+                                .or_else(|| crate::backend_tls::server_name(bare_host).ok());
+                            // The config's validation parsed every URL's
+                            // host; a name that still does not parse makes
+                            // every connection fail, loudly.
+                            name.map(|name| (TlsConnector::from(tls.config.clone()), name))
+                        }
+                        _ => None,
+                    };
                     let authority = base
                         .authority()
                         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
                         .unwrap_or_else(|| HeaderValue::from_static("localhost"));
                     Arc::new(Target {
                         base: base.clone(),
-                        // `[::1]` is how a URL writes an IPv6 host; a
-                        // socket address wants it bare.
-                        host: host
-                            .trim_start_matches('[')
-                            .trim_end_matches(']')
-                            .to_string(),
+                        host: bare_host.to_string(),
                         port,
                         authority,
                         benched_until: AtomicI64::new(0),
                         idle: Mutex::new(Vec::new()),
+                        tls,
                     })
                 })
                 .collect(),
@@ -175,14 +212,42 @@ impl Upstream {
     }
 
     async fn connect(&self, target: &Target) -> Result<Sender, ConnectError> {
+        // One deadline for the TCP connect and the TLS handshake: a
+        // server that accepts and then stalls the handshake is as
+        // unreachable as one that never accepts.
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let connecting = TcpStream::connect((target.host.as_str(), target.port));
-        let stream = tokio::time::timeout(self.connect_timeout, connecting)
+        let stream = tokio::time::timeout_at(deadline, connecting)
             .await
             .map_err(|_| ConnectError::TimedOut)?
             .map_err(ConnectError::Io)?;
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        match &target.tls {
+            None => self.handshake(stream).await,
+            Some((connector, server_name)) => {
+                let stream = tokio::time::timeout_at(
+                    deadline,
+                    connector.connect(server_name.clone(), stream),
+                )
+                .await
+                .map_err(|_| ConnectError::TimedOut)?
+                .map_err(|error| ConnectError::Tls {
+                    server_name: server_name.to_str().into_owned(),
+                    error,
+                })?;
+                self.handshake(stream).await
+            }
+        }
+    }
+
+    /// Starts HTTP/1.1 on a connected stream, plain or TLS: the sender
+    /// does not depend on which.
+    async fn handshake<S>(&self, stream: S) -> Result<Sender, ConnectError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await

@@ -5,10 +5,11 @@
 //! that a request waiting for a dead database gets its 503 quickly.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -69,11 +70,32 @@ fn hash_of(row: &PgRow, address: &str) -> StoreResult<TokenHash> {
 impl PostgresTier {
     /// Connects (and checks the connection) to `url`.
     pub async fn connect(url: &str, settings: &PoolSettings) -> StoreResult<PostgresTier> {
+        Self::connect_with_ca(url, settings, None).await
+    }
+
+    /// [`PostgresTier::connect`], verifying the server's certificate with
+    /// the CA certificates of `ca_file` (`store.database_ca_file`; the
+    /// URL's `sslmode` decides whether and how it is verified).
+    pub async fn connect_with_ca(
+        url: &str,
+        settings: &PoolSettings,
+        ca_file: Option<&Path>,
+    ) -> StoreResult<PostgresTier> {
         let address = redact_url(url);
-        let options: PgConnectOptions = url.parse().map_err(|e| StoreError::Unavailable {
+        let mut options: PgConnectOptions = url.parse().map_err(|e| StoreError::Unavailable {
             tier: TIER,
             message: format!("{address}: {e}"),
         })?;
+        if let Some(ca_file) = ca_file {
+            options = options.ssl_root_cert(ca_file);
+        }
+        if matches!(options.get_ssl_mode(), PgSslMode::Require) {
+            tracing::warn!(
+                address = %address,
+                "sslmode=require encrypts the connection to PostgreSQL without checking whose \
+                 certificate it is; use sslmode=verify-full with store.database_ca_file"
+            );
+        }
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .min_connections(settings.min_connections)

@@ -18,7 +18,13 @@
 //! holds one dedicated pub/sub connection, pinged every
 //! [`SUBSCRIPTION_PING`] so that a connection that died silently (a
 //! partition) is noticed and replaced.
+//!
+//! With a `rediss://` URL both the command connection and every pub/sub
+//! connection go over TLS (rustls), verifying the server's certificate
+//! and name against [`RedisTls::ca_file`] or the system roots, and
+//! presenting the client certificate when one is configured.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,15 +71,74 @@ fn unavailable(address: &str, e: redis::RedisError) -> StoreError {
     }
 }
 
+/// The TLS files of a `rediss://` connection (`store.redis_ca_file`,
+/// `store.redis_client_cert_file`, `store.redis_client_key_file`).
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// PEM CA certificates to verify Redis with; none = the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) and key, for `tls-auth-clients`.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    fn is_empty(&self) -> bool {
+        self.ca_file.is_none() && self.client_cert_file.is_none() && self.client_key_file.is_none()
+    }
+
+    /// The files' contents, as the redis crate takes them.
+    fn certificates(&self) -> Result<redis::TlsCertificates, String> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let root_cert = self.ca_file.as_ref().map(read).transpose()?;
+        let client_tls = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert)?,
+                client_key: read(key)?,
+            }),
+            _ => None,
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
+}
+
 impl RedisTier {
     /// Sets up the connection without waiting for Redis: a gateway can
     /// start (and serve from the durable tier) while Redis is down.
     pub fn connect(url: &str, prefix: &str, timeout: Duration) -> StoreResult<RedisTier> {
+        Self::connect_tls(url, prefix, timeout, &RedisTls::default())
+    }
+
+    /// [`RedisTier::connect`], with the CA and client certificate of a
+    /// `rediss://` URL.
+    pub fn connect_tls(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        tls: &RedisTls,
+    ) -> StoreResult<RedisTier> {
         let address = redact_url(url);
-        let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable {
+        let invalid = |message: String| StoreError::Unavailable {
             tier: TIER,
-            message: format!("{address}: {e}"),
-        })?;
+            message: format!("{address}: {message}"),
+        };
+        if url.starts_with("rediss://") {
+            // The redis crate builds its rustls configuration with the
+            // process's default provider: make it ring, the only one built.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = if tls.is_empty() {
+            redis::Client::open(url)
+        } else {
+            let certificates = tls.certificates().map_err(invalid)?;
+            redis::Client::build_with_tls(url, certificates)
+        }
+        .map_err(|e| invalid(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))

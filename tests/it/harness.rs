@@ -188,6 +188,8 @@ struct UpstreamState {
     connections: AtomicUsize,
     /// Bytes `/upload` has received so far, over all requests.
     uploaded: AtomicUsize,
+    /// TLS: the SNI of each completed handshake ("" when none was sent).
+    server_names: std::sync::Mutex<Vec<String>>,
 }
 
 /// A real HTTP/1.1 upstream on 127.0.0.1:<random port>.
@@ -207,7 +209,21 @@ impl TestUpstream {
         Self::spawn(Some(name.to_string())).await
     }
 
+    /// The same upstream over TLS (HTTPS), with `acceptor`'s certificate
+    /// and client-certificate rules; [`TestUpstream::connections`] counts
+    /// TCP connections, handshakes that fail included.
+    pub async fn start_tls(acceptor: tokio_rustls::TlsAcceptor) -> TestUpstream {
+        Self::spawn_with(None, Some(acceptor)).await
+    }
+
     async fn spawn(name: Option<String>) -> TestUpstream {
+        Self::spawn_with(name, None).await
+    }
+
+    async fn spawn_with(
+        name: Option<String>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> TestUpstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -217,6 +233,7 @@ impl TestUpstream {
             hits: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             uploaded: AtomicUsize::new(0),
+            server_names: std::sync::Mutex::new(Vec::new()),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -230,12 +247,36 @@ impl TestUpstream {
                 };
                 st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| upstream_handle(req, st.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
+                    let svc = service_fn({
+                        let st = st.clone();
+                        move |req| upstream_handle(req, st.clone())
+                    });
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades()
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let handshake = tokio::time::timeout(
+                                Duration::from_secs(10),
+                                acceptor.accept(stream),
+                            );
+                            let Ok(Ok(stream)) = handshake.await else {
+                                return;
+                            };
+                            let sni = stream.get_ref().1.server_name().unwrap_or("").to_string();
+                            st.server_names.lock().unwrap().push(sni);
+                            let _ = http
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades()
+                                .await;
+                        }
+                    }
                 });
             }
         });
@@ -264,6 +305,11 @@ impl TestUpstream {
     /// Body bytes `/upload` has received so far (updated as they arrive).
     pub fn uploaded(&self) -> usize {
         self.state.uploaded.load(Ordering::SeqCst)
+    }
+
+    /// TLS: the server name (SNI) of every completed handshake so far.
+    pub fn server_names(&self) -> Vec<String> {
+        self.state.server_names.lock().unwrap().clone()
     }
 }
 

@@ -2,6 +2,7 @@
 //! file, a real upstream server started by the tests.
 
 mod admin;
+mod backend_tls;
 mod config_cli;
 mod harness;
 mod hybrid;
