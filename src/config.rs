@@ -1242,7 +1242,22 @@ fn upstream_tls(
                 None
             }
         },
-        None => None,
+        None => {
+            // Each https:// URL's host is then the name to verify.
+            for (j, url) in urls.iter().enumerate() {
+                let host = url.host().unwrap_or("");
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                if url.scheme_str() == Some("https")
+                    && let Err(e) = backend_tls::server_name(bare)
+                {
+                    v.problem(
+                        format!("upstreams[{i}].urls[{j}]"),
+                        format!("{e}: set upstreams[{i}].server_name to the certificate's name"),
+                    );
+                }
+            }
+            None
+        }
     };
     let problems_before = v.problems.len();
     client_identity(
@@ -1514,6 +1529,21 @@ mod tests {
         assert!(parse_upstream_url("ftp://example.com").is_err());
         assert!(parse_upstream_url("http://a/b").is_err());
         assert!(parse_upstream_url("127.0.0.1:3000").is_err());
+    }
+
+    #[test]
+    fn an_https_host_that_is_no_server_name_needs_server_name() {
+        let text = |extra: &str| {
+            format!(
+                "[[upstreams]]\nname = \"app\"\nurls = [\"https://exa_mple..test:8443\"]\n{extra}\n\
+                 [[routes]]\nprefix = \"/\"\nupstream = \"app\"\n"
+            )
+        };
+        let err = Config::from_toml_str(&text("")).unwrap_err();
+        assert_eq!(err.problems()[0].key, "upstreams[0].urls[0]", "{err}");
+        assert!(err.to_string().contains("server_name"), "{err}");
+        let ok = Config::from_toml_str(&text("server_name = \"app.test\""));
+        assert!(ok.is_ok(), "{:?}", ok.err());
     }
 
     #[test]

@@ -79,9 +79,20 @@ struct Target {
     authority: HeaderValue,
     benched_until: AtomicI64,
     idle: Mutex<Vec<Idle>>,
-    /// For an `https://` URL: the upstream's TLS client and the name the
+    tls: TargetTls,
+}
+
+/// How a target's connections are made.
+enum TargetTls {
+    /// `http://`.
+    Plain,
+    /// `https://`: the upstream's TLS client and the name the
     /// certificate must carry.
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    Tls(TlsConnector, ServerName<'static>),
+    /// `https://` without a usable TLS client (the config's validation
+    /// rules this out): every connection fails rather than going out in
+    /// the clear.
+    Unusable(&'static str),
 }
 
 impl Target {
@@ -163,17 +174,22 @@ impl Upstream {
                     let https = base.scheme_str() == Some("https");
                     let port = base.port_u16().unwrap_or(if https { 443 } else { 80 });
                     let tls = match (&config.tls, https) {
+                        (_, false) => TargetTls::Plain,
+                        (None, true) => TargetTls::Unusable("no TLS client for an https:// URL"),
                         (Some(tls), true) => {
                             let name = tls
                                 .server_name
                                 .clone()
                                 .or_else(|| crate::backend_tls::server_name(bare_host).ok());
-                            // The config's validation parsed every URL's
-                            // host; a name that still does not parse makes
-                            // every connection fail, loudly.
-                            name.map(|name| (TlsConnector::from(tls.config.clone()), name))
+                            match name {
+                                Some(name) => {
+                                    TargetTls::Tls(TlsConnector::from(tls.config.clone()), name)
+                                }
+                                None => TargetTls::Unusable(
+                                    "the URL's host is not a valid TLS server name",
+                                ),
+                            }
                         }
-                        _ => None,
                     };
                     let authority = base
                         .authority()
@@ -212,6 +228,9 @@ impl Upstream {
     }
 
     async fn connect(&self, target: &Target) -> Result<Sender, ConnectError> {
+        if let TargetTls::Unusable(why) = &target.tls {
+            return Err(ConnectError::Io(std::io::Error::other(*why)));
+        }
         // One deadline for the TCP connect and the TLS handshake: a
         // server that accepts and then stalls the handshake is as
         // unreachable as one that never accepts.
@@ -225,8 +244,8 @@ impl Upstream {
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         match &target.tls {
-            None => self.handshake(stream).await,
-            Some((connector, server_name)) => {
+            TargetTls::Plain | TargetTls::Unusable(_) => self.handshake(stream).await,
+            TargetTls::Tls(connector, server_name) => {
                 let stream = tokio::time::timeout_at(
                     deadline,
                     connector.connect(server_name.clone(), stream),
