@@ -100,6 +100,17 @@ impl Pki {
     /// addresses), for a server or, with `client`, a client; its PEM
     /// certificate and key files.
     fn leaf(&self, file: &str, names: &[&str], client: bool) -> (PathBuf, PathBuf) {
+        self.leaf_with(file, names, client, |_| {})
+    }
+
+    /// [`Pki::leaf`] with the parameters adjusted by `edit` first.
+    fn leaf_with(
+        &self,
+        file: &str,
+        names: &[&str],
+        client: bool,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> (PathBuf, PathBuf) {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();
@@ -109,6 +120,7 @@ impl Pki {
         } else {
             ExtendedKeyUsagePurpose::ServerAuth
         }];
+        edit(&mut params);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let cert_path = self.dir.path().join(format!("{file}.pem"));
@@ -291,15 +303,26 @@ struct TlsRedis {
 
 impl TlsRedis {
     async fn start(pki: &Pki, require_client_cert: bool) -> TlsRedis {
+        Self::start_with_cert(pki, require_client_cert, &pki.server_cert, &pki.server_key).await
+    }
+
+    /// A TLS Redis presenting `cert` (for `127.0.0.1`, so that the
+    /// readiness check can connect).
+    async fn start_with_cert(
+        pki: &Pki,
+        require_client_cert: bool,
+        cert: &Path,
+        key: &Path,
+    ) -> TlsRedis {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = harness::free_port();
         let child = Command::new("redis-server")
             .args(["--port", "0", "--tls-port", &port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--tls-cert-file")
-            .arg(&pki.server_cert)
+            .arg(cert)
             .arg("--tls-key-file")
-            .arg(&pki.server_key)
+            .arg(key)
             .arg("--tls-ca-cert-file")
             .arg(&pki.ca)
             .args([
@@ -342,7 +365,11 @@ impl TlsRedis {
     }
 
     fn url(&self) -> String {
-        format!("rediss://127.0.0.1:{}", self.port)
+        self.url_via("127.0.0.1")
+    }
+
+    fn url_via(&self, host: &str) -> String {
+        format!("rediss://{host}:{}", self.port)
     }
 
     /// The test's own connection, over TLS with the client certificate.
@@ -467,6 +494,30 @@ async fn a_redis_whose_certificate_the_ca_did_not_sign_is_reported_unready() {
     let token = gw.login("alice").await;
     assert_eq!(gw.status("/api/x", &token).await, 200);
     assert!(redis.session_keys(&pki).await.is_empty());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_for_another_name_is_refused() {
+    let pki = Pki::new();
+    // Valid, signed by the trusted CA, but for 127.0.0.1 only.
+    let (cert, key) = pki.leaf("redis-ip-only", &["127.0.0.1"], false);
+    let redis = TlsRedis::start_with_cert(&pki, false, &cert, &key).await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!(
+        "redis_url = {}\nredis_ca_file = {}\nredis_timeout_ms = 2000\n",
+        q(redis.url_via("localhost")),
+        qp(&pki.ca)
+    );
+    let gw = Gw::start(&config_text(&upstream.url(), &sqlite_url(&dir), &store, "")).await;
+    let (status, body) = gw.readyz().await;
+    assert_eq!(status, 503, "{body}");
+    let error = fast_error(&body);
+    assert!(
+        error.contains("not valid for name") && error.contains("localhost"),
+        "the reason is the name: {error}"
+    );
     gw.shutdown().await;
 }
 
@@ -870,6 +921,39 @@ async fn an_https_upstream_with_an_untrusted_certificate_is_a_502_and_benched() 
     assert_eq!(gw.get("/public/x", None).await.status(), 200);
     // Benched like a refused URL: the next request still gets its 502.
     harness::expect_error(gw.get("/tls/y", None).await, 502).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificates_and_plain_http_servers_are_refused_as_https_upstreams() {
+    let pki = Pki::new();
+    let (cert, key) = pki.leaf_with("expired", &["127.0.0.1"], false, |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let expired = TestUpstream::start_tls(acceptor(&cert, &key, None)).await;
+    // An https:// URL that points at a plain HTTP server: its answer to
+    // the ClientHello is no TLS record.
+    let plain = TestUpstream::start().await;
+    let app = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&app.url(), &sqlite_url(&dir), "", "")
+        + &format!(
+            "\n[[upstreams]]\nname = \"expired\"\nurls = [{}]\nca_file = {}\n\
+             [[upstreams]]\nname = \"plain\"\nurls = [{}]\nca_file = {}\n\
+             [[routes]]\nprefix = \"/expired/\"\nupstream = \"expired\"\nauth = \"none\"\n\
+             [[routes]]\nprefix = \"/plain/\"\nupstream = \"plain\"\nauth = \"none\"\n",
+            q(https_url(&expired)),
+            qp(&pki.ca),
+            q(format!("https://{}", plain.addr)),
+            qp(&pki.ca),
+        );
+    let gw = Gw::start(&text).await;
+    harness::expect_error(gw.get("/expired/x", None).await, 502).await;
+    harness::expect_error(gw.get("/plain/x", None).await, 502).await;
+    assert_eq!(expired.hits(), 0);
+    assert_eq!(plain.hits(), 0, "nothing was sent in the clear");
+    assert_eq!(gw.get("/public/x", None).await.status(), 200);
     gw.shutdown().await;
 }
 
