@@ -634,7 +634,18 @@ async fn revocations_reach_another_gateways_local_cache_over_tls() {
 // PostgreSQL with ssl=on
 // ---------------------------------------------------------------------------
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The newest PostgreSQL server binaries Debian installed (15 on the CI
+/// machine), which `scripts/services.sh` installs.
+fn pg_bin() -> PathBuf {
+    let root = Path::new("/usr/lib/postgresql");
+    let newest = std::fs::read_dir(root)
+        .expect("PostgreSQL server binaries in /usr/lib/postgresql (scripts/services.sh)")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .max()
+        .expect("a PostgreSQL version under /usr/lib/postgresql");
+    root.join(newest.to_string()).join("bin")
+}
 
 /// A PostgreSQL cluster of the test's own (trust auth) with `ssl=on`,
 /// listening on 127.0.0.1 with a certificate for `127.0.0.1` only;
@@ -647,7 +658,7 @@ struct TlsPostgres {
 fn as_postgres(program: &str) -> Command {
     let mut cmd = Command::new("runuser");
     cmd.args(["-u", "postgres", "--"])
-        .arg(format!("{PG_BIN}/{program}"));
+        .arg(pg_bin().join(program));
     cmd
 }
 
