@@ -266,6 +266,66 @@ async fn a_trusted_peer_chain_is_walked_from_the_right() {
     }
 }
 
+/// Requests on one cleartext HTTP/2 connection from `src` (after
+/// `preamble`, e.g. a PROXY header), each with its own `X-Forwarded-For`:
+/// what the upstream saw as `X-Forwarded-For` for each.
+async fn h2_from(src: [u8; 4], addr: SocketAddr, preamble: &[u8], xffs: &[&str]) -> Vec<String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut stream = connect_from(src, addr).await;
+    stream.write_all(preamble).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut seen_xff = Vec::new();
+    for xff in xffs {
+        let req = hyper::Request::builder()
+            .uri("http://gw/public/h2")
+            .header("x-forwarded-for", *xff)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let exchange = async {
+            let resp = sender.send_request(req).await.expect("h2 response");
+            assert_eq!(resp.status(), 200);
+            resp.into_body()
+                .collect()
+                .await
+                .expect("h2 body")
+                .to_bytes()
+        };
+        let body = tokio::time::timeout(BOUND, exchange)
+            .await
+            .expect("h2 in time");
+        let echo: Value = serde_json::from_slice(&body).unwrap();
+        seen_xff.push(forwarded(&echo).0);
+    }
+    conn.abort();
+    seen_xff
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_are_resolved_one_by_one() {
+    let up = TestUpstream::start().await;
+    let gw = gateway(&up, r#"trusted_proxies = ["127.0.0.2"]"#).await;
+    // A balancer multiplexes many clients on one connection: each request
+    // carries its own chain.
+    let seen = h2_from(LB, gw.addr, b"", &["6.6.6.6, 203.0.113.7", "198.51.100.9"]).await;
+    assert_eq!(seen, ["203.0.113.7, 127.0.0.2", "198.51.100.9, 127.0.0.2"]);
+    let seen = h2_from(CLIENT, gw.addr, b"", &["203.0.113.7"]).await;
+    assert_eq!(seen, ["127.0.0.3"]);
+
+    let gw = gateway(
+        &up,
+        "trusted_proxies = [\"127.0.0.2\"]\nproxy_protocol = true",
+    )
+    .await;
+    let header = v2(1, 0x11, &tcp4([203, 0, 113, 5], 5000), &[]);
+    let seen = h2_from(LB, gw.addr, &header, &["6.6.6.6", "6.6.6.7"]).await;
+    assert_eq!(seen, ["203.0.113.5", "203.0.113.5"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_see_the_resolved_client_address() {
     let up = TestUpstream::start().await;
