@@ -20,12 +20,15 @@ use crate::body::{self, Body};
 use crate::error::json_error;
 use crate::proxy::Gateway;
 use crate::session;
+use crate::tls::EdgeTls;
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
 
 pub struct Admin {
     gateway: Arc<Gateway>,
+    /// The HTTPS listener's certificates, with `[server.tls]`.
+    tls: Option<Arc<EdgeTls>>,
     /// SHA-256 of the admin token: comparing digests keeps the comparison
     /// constant-time whatever the presented token's length.
     token_digest: [u8; 32],
@@ -43,6 +46,7 @@ enum AdminError {
     StoreUnavailable,
     Create(crate::error::ProxyError),
     ReloadFailed(String),
+    TlsReloadFailed(String),
 }
 
 impl AdminError {
@@ -84,6 +88,11 @@ impl AdminError {
                 "reload_failed",
                 format!("{reason}; the previous policies stay in service"),
             ),
+            AdminError::TlsReloadFailed(reason) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reload_failed",
+                format!("{reason}; the previous certificates stay in service"),
+            ),
         };
         let mut resp = json_error(status, code, &message, request_id);
         if status == StatusCode::UNAUTHORIZED {
@@ -111,8 +120,15 @@ impl Admin {
     pub fn new(gateway: Arc<Gateway>, token: &str) -> Admin {
         Admin {
             gateway,
+            tls: None,
             token_digest: Sha256::digest(token.as_bytes()).into(),
         }
+    }
+
+    /// Serves `/v1/tls` and `/v1/tls/reload` for these certificates.
+    pub(crate) fn with_tls(mut self, tls: Option<Arc<EdgeTls>>) -> Admin {
+        self.tls = tls;
+        self
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -218,6 +234,29 @@ impl Admin {
             (_, ["v1", "policies"] | ["v1", "policies", "reload"]) => {
                 Err(AdminError::MethodNotAllowed)
             }
+            (_, ["v1", "tls", ..]) if self.tls.is_none() => {
+                Err(AdminError::NotFound("[server.tls] configuration"))
+            }
+            (&Method::GET, ["v1", "tls"]) => {
+                let info = self.tls.as_ref().map(|t| t.info()).unwrap_or_default();
+                Ok(json(
+                    StatusCode::OK,
+                    serde_json::json!({ "certificates": info }),
+                ))
+            }
+            (&Method::POST, ["v1", "tls", "reload"]) => {
+                let Some(tls) = &self.tls else {
+                    return Err(AdminError::NotFound("[server.tls] configuration"));
+                };
+                match tls.reload().await {
+                    Ok(info) => Ok(json(
+                        StatusCode::OK,
+                        serde_json::json!({ "certificates": info }),
+                    )),
+                    Err(e) => Err(AdminError::TlsReloadFailed(e.to_string())),
+                }
+            }
+            (_, ["v1", "tls"] | ["v1", "tls", "reload"]) => Err(AdminError::MethodNotAllowed),
             _ => Err(AdminError::NotFound("path")),
         }
     }

@@ -124,6 +124,34 @@ struct RawServer {
     max_upstream_per_connection: Option<u64>,
     trusted_proxies: Option<Vec<String>>,
     proxy_protocol: Option<bool>,
+    tls: Option<RawServerTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawServerTls {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    #[serde(default)]
+    certificates: Vec<RawTlsCertificate>,
+    redirect_listen: Option<String>,
+    hsts_max_age: Option<u64>,
+    hsts_include_subdomains: Option<bool>,
+    watch: Option<bool>,
+    watch_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawTlsCertificate {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
+    #[serde(default)]
+    server_names: Vec<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +343,42 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Trusted peers start each connection with a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// `[server.tls]`: when set, `listen` serves HTTPS only.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`: the HTTPS listener's certificates and options.
+#[derive(Debug, Clone)]
+pub struct ServerTlsConfig {
+    /// `cert_file` / `key_file`: served to clients that send no server
+    /// name, or one that no entry of `certificates` names.
+    pub default: TlsCertFiles,
+    /// `[[server.tls.certificates]]`, chosen by the client's server name.
+    pub certificates: Vec<TlsCertFiles>,
+    /// A plain-HTTP listener that only redirects to HTTPS.
+    pub redirect_listen: Option<SocketAddr>,
+    /// `Strict-Transport-Security: max-age=...`; none = not sent.
+    pub hsts_max_age: Option<Duration>,
+    pub hsts_include_subdomains: bool,
+    /// Reload when a certificate or key file changes.
+    pub watch: bool,
+    pub watch_interval: Duration,
+}
+
+/// One certificate chain and its key, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCertFiles {
+    /// The table the files were given in (`server.tls`,
+    /// `server.tls.certificates[0]`), for messages.
+    pub table: String,
+    /// Lower-case DNS names, `*.example.com` for one label of wildcard;
+    /// empty for the default certificate.
+    pub server_names: Vec<String>,
+    /// PEM, the leaf first then its intermediates. Resolved against the
+    /// config file's directory.
+    pub cert_file: PathBuf,
+    /// PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key_file: PathBuf,
 }
 
 #[derive(Clone)]
@@ -556,10 +620,16 @@ impl Config {
         })
     }
 
-    fn from_raw(raw: RawConfig, file: &str, base: &Path) -> Result<Config, ConfigError> {
+    fn from_raw(mut raw: RawConfig, file: &str, base: &Path) -> Result<Config, ConfigError> {
         let mut v = Validator::default();
         v.unknown("", &raw.unknown);
         v.unknown("server", &raw.server.unknown);
+        if let Some(tls) = &raw.server.tls {
+            v.unknown("server.tls", &tls.unknown);
+            for (i, c) in tls.certificates.iter().enumerate() {
+                v.unknown(&format!("server.tls.certificates[{i}]"), &c.unknown);
+            }
+        }
         if let Some(admin) = &raw.admin {
             v.unknown("admin", &admin.unknown);
         }
@@ -577,12 +647,18 @@ impl Config {
             v.unknown(&format!("policies[{i}]"), &p.unknown);
         }
 
+        let listen = v.addr(
+            "server.listen",
+            raw.server.listen.as_deref(),
+            "127.0.0.1:8080",
+        );
+        let tls = raw
+            .server
+            .tls
+            .take()
+            .map(|t| server_tls(&mut v, t, base, listen));
         let server = ServerConfig {
-            listen: v.addr(
-                "server.listen",
-                raw.server.listen.as_deref(),
-                "127.0.0.1:8080",
-            ),
+            listen,
             max_connections: v.positive(
                 "server.max_connections",
                 raw.server.max_connections,
@@ -638,6 +714,7 @@ impl Config {
             ) as usize,
             trusted_proxies: trusted_proxies(&mut v, raw.server.trusted_proxies.as_deref()),
             proxy_protocol: raw.server.proxy_protocol.unwrap_or(false),
+            tls,
         };
         if server.proxy_protocol && server.trusted_proxies.is_empty() {
             v.problem(
@@ -1290,6 +1367,99 @@ fn upstream_tls(
     }
 }
 
+/// Validates `[server.tls]`.
+fn server_tls(
+    v: &mut Validator,
+    raw: RawServerTls,
+    base: &Path,
+    listen: SocketAddr,
+) -> ServerTlsConfig {
+    let default = TlsCertFiles {
+        table: "server.tls".into(),
+        server_names: Vec::new(),
+        cert_file: v.file("server.tls.cert_file", raw.cert_file, base),
+        key_file: v.file("server.tls.key_file", raw.key_file, base),
+    };
+    let mut seen = HashSet::new();
+    let mut certificates = Vec::new();
+    for (i, c) in raw.certificates.into_iter().enumerate() {
+        let table = format!("server.tls.certificates[{i}]");
+        let names_key = format!("{table}.server_names");
+        if c.server_names.is_empty() {
+            v.problem(
+                &names_key,
+                "needs at least one name, e.g. [\"www.example.com\"]",
+            );
+        }
+        let mut server_names = Vec::new();
+        for name in c.server_names {
+            let normal = name.trim_end_matches('.').to_ascii_lowercase();
+            if !is_server_name(&normal) {
+                v.problem(
+                    &names_key,
+                    format!(
+                        "{name:?} is not a DNS name (letters, digits, '-' and '.', \
+                         optionally starting with \"*.\" for one label)"
+                    ),
+                );
+            } else if !seen.insert(normal.clone()) {
+                v.problem(&names_key, format!("{name:?} is named by two entries"));
+            } else {
+                server_names.push(normal);
+            }
+        }
+        certificates.push(TlsCertFiles {
+            cert_file: v.file(&format!("{table}.cert_file"), c.cert_file, base),
+            key_file: v.file(&format!("{table}.key_file"), c.key_file, base),
+            server_names,
+            table,
+        });
+    }
+    let redirect_listen = raw.redirect_listen.map(|text| {
+        let addr = v.addr("server.tls.redirect_listen", Some(&text), "");
+        if addr == listen && addr.port() != 0 {
+            v.problem(
+                "server.tls.redirect_listen",
+                "must differ from server.listen (which serves HTTPS)",
+            );
+        }
+        addr
+    });
+    let hsts_max_age = raw.hsts_max_age.map(Duration::from_secs);
+    let hsts_include_subdomains = raw.hsts_include_subdomains.unwrap_or(false);
+    if hsts_include_subdomains && hsts_max_age.is_none() {
+        v.problem(
+            "server.tls.hsts_include_subdomains",
+            "needs server.tls.hsts_max_age (the header is sent only when that is set)",
+        );
+    }
+    ServerTlsConfig {
+        default,
+        certificates,
+        redirect_listen,
+        hsts_max_age,
+        hsts_include_subdomains,
+        watch: raw.watch.unwrap_or(true),
+        watch_interval: v.millis("server.tls.watch_interval_ms", raw.watch_interval_ms, 1_000),
+    }
+}
+
+/// A lower-case DNS name as a client sends it in SNI, or `*.` and one.
+fn is_server_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
 fn parse_upstream_url(raw: &str) -> Result<Uri, String> {
     let uri: Uri = raw
         .parse()
@@ -1361,6 +1531,17 @@ impl Validator {
                     format!("{text:?} is not an address like 127.0.0.1:8080"),
                 );
                 SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        }
+    }
+
+    /// A required file path, resolved against the config file's directory.
+    fn file(&mut self, key: &str, value: Option<String>, base: &Path) -> PathBuf {
+        match value {
+            Some(path) if !path.is_empty() => base.join(path),
+            _ => {
+                self.problem(key, "is required (the path of a PEM file)");
+                PathBuf::new()
             }
         }
     }
@@ -1553,6 +1734,76 @@ mod tests {
             "postgres://u:****@db:5432/x"
         );
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn server_tls_is_read_with_its_defaults() {
+        let text = format!(
+            "{MINIMAL}\n[server]\nlisten = \"127.0.0.1:8443\"\n[server.tls]\n\
+             cert_file = \"certs/a.pem\"\nkey_file = \"/abs/a.key\"\n\
+             [[server.tls.certificates]]\nserver_names = [\"API.example.com.\", \"*.example.org\"]\n\
+             cert_file = \"b.pem\"\nkey_file = \"b.key\"\n"
+        );
+        let figment = Figment::new().merge(Toml::string(&text));
+        let c = Config::from_figment(figment, "gateway.toml", Path::new("/etc/sg")).unwrap();
+        let tls = c.server.tls.unwrap();
+        assert_eq!(tls.default.cert_file, Path::new("/etc/sg/certs/a.pem"));
+        assert_eq!(tls.default.key_file, Path::new("/abs/a.key"));
+        assert!(tls.default.server_names.is_empty());
+        assert_eq!(tls.certificates[0].table, "server.tls.certificates[0]");
+        assert_eq!(
+            tls.certificates[0].server_names,
+            ["api.example.com", "*.example.org"]
+        );
+        assert!(tls.watch);
+        assert_eq!(tls.watch_interval, Duration::from_secs(1));
+        assert_eq!(tls.hsts_max_age, None);
+        assert_eq!(tls.redirect_listen, None);
+        assert!(Config::from_toml_str(MINIMAL).unwrap().server.tls.is_none());
+    }
+
+    #[test]
+    fn every_server_tls_problem_names_its_key() {
+        let text = format!(
+            "{MINIMAL}\n[server]\nlisten = \"127.0.0.1:8443\"\n[server.tls]\n\
+             certfile = \"typo\"\nredirect_listen = \"127.0.0.1:8443\"\n\
+             hsts_include_subdomains = true\nwatch_interval_ms = 0\n\
+             [[server.tls.certificates]]\nserver_names = [\"bad name\", \"a.test\"]\n\
+             cert_file = \"x\"\nkey_file = \"y\"\nextra = 1\n\
+             [[server.tls.certificates]]\nserver_names = [\"A.test\", \"*\", \"-a.test\"]\n\
+             [[server.tls.certificates]]\nserver_names = []\ncert_file = \"x\"\nkey_file = \"y\"\n"
+        );
+        let err = Config::from_toml_str(&text).unwrap_err();
+        let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "server.tls.certfile",
+            "server.tls.cert_file",
+            "server.tls.key_file",
+            "server.tls.redirect_listen",
+            "server.tls.hsts_include_subdomains",
+            "server.tls.watch_interval_ms",
+            "server.tls.certificates[0].server_names",
+            "server.tls.certificates[0].extra",
+            "server.tls.certificates[1].server_names",
+            "server.tls.certificates[1].cert_file",
+            "server.tls.certificates[1].key_file",
+            "server.tls.certificates[2].server_names",
+        ] {
+            assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains("\"A.test\" is named by two entries"),
+            "{text}"
+        );
+        assert!(text.contains("\"bad name\" is not a DNS name"), "{text}");
+        assert_eq!(
+            keys.iter()
+                .filter(|k| **k == "server.tls.certificates[1].server_names")
+                .count(),
+            3,
+            "{text}"
+        );
     }
 
     #[test]

@@ -285,6 +285,8 @@ pub struct RequestRewrite<'a> {
     pub uri: &'a Uri,
     /// The client's address, for `x-forwarded-for`.
     pub peer_ip: &'a HeaderValue,
+    /// The client connection is TLS: `x-forwarded-proto: https`.
+    pub https: bool,
     pub request_id: &'a HeaderValue,
 }
 
@@ -337,7 +339,8 @@ pub fn rewrite_request(
         headers.remove(X_FORWARDED_HOST);
     }
     headers.insert(X_FORWARDED_FOR, rewrite.peer_ip.clone());
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if rewrite.https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     headers.insert(X_REQUEST_ID, rewrite.request_id.clone());
     Ok(())
 }
@@ -922,6 +925,7 @@ mod props {
             headers in prop::collection::vec((request_name(), request_value()), 0..12),
             reject in any::<bool>(),
             forward_token in any::<bool>(),
+            https in any::<bool>(),
         ) {
             let mut h = HeaderMap::new();
             for (k, v) in &headers {
@@ -944,6 +948,7 @@ mod props {
                 upgrade: false,
                 uri: &uri,
                 peer_ip: &ip,
+                https,
                 request_id: &id,
             };
             let lookalike = headers
@@ -961,7 +966,8 @@ mod props {
                 (values.next().cloned(), values.next().is_none())
             };
             prop_assert_eq!(one("x-forwarded-for"), (Some(ip.clone()), true));
-            prop_assert_eq!(one("x-forwarded-proto"), (Some(HeaderValue::from_static("http")), true));
+            let proto = HeaderValue::from_static(if https { "https" } else { "http" });
+            prop_assert_eq!(one("x-forwarded-proto"), (Some(proto), true));
             prop_assert_eq!(one("x-request-id"), (Some(id.clone()), true));
             for (name, value) in h.iter() {
                 let name = name.as_str();

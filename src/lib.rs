@@ -10,6 +10,7 @@
 //! | --- | --- |
 //! | [`config`] | `gateway.toml` + `SESSIONGATE_*` → a validated [`config::Config`] |
 //! | [`server`] | stores, listeners, connection cap, background tasks, graceful shutdown |
+//! | `tls` | HTTPS for clients: the rustls config, certificates by SNI, reload without dropping connections |
 //! | [`path`] | the request path's one normal form (what is routed on, logged and forwarded), or 400 |
 //! | [`proxy`] | the request path: route → authenticate → rewrite → forward → respond |
 //! | [`upstream`] | pooled upstream clients (HTTP and HTTPS), round robin, skipping refused URLs |
@@ -28,9 +29,10 @@
 //!
 //! # The path of a request
 //!
-//! [`server`] accepts a connection (HTTP/1.1 or h2c) under its connection,
-//! per-client and time limits (after a PROXY protocol header, from a
-//! trusted load balancer: [`forwarded`]), and hands each request to
+//! [`server`] accepts a connection (HTTP/1.1 or h2c, or both over TLS
+//! with `[server.tls]`) under its connection, per-client and time limits
+//! (after a PROXY protocol header, from a trusted load balancer:
+//! [`forwarded`]), and hands each request to
 //! [`proxy::Gateway::handle`], which first settles who the client is
 //! (a trusted proxy's `X-Forwarded-For`). It normalizes the path once with
 //! [`path::normalize`] (400 for a path that reads two ways; that one path
@@ -65,6 +67,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub(crate) mod tls;
 pub mod token;
 pub mod tools;
 pub mod upstream;

@@ -82,10 +82,18 @@ fn main() -> ExitCode {
                     config.plugins.log_lines_per_second,
                     metrics,
                 ) {
-                    Ok(_) => {
-                        println!("ok");
-                        ExitCode::SUCCESS
-                    }
+                    Ok(_) => match sessiongate::server::check_tls(&config) {
+                        // Reads every certificate and key and checks each
+                        // pair as a start would.
+                        Ok(_) => {
+                            println!("ok");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("{e}");
+                            ExitCode::FAILURE
+                        }
+                    },
                     Err(e) => {
                         eprintln!("{}: key `policies`: {e}", config.source);
                         ExitCode::FAILURE

@@ -70,6 +70,11 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 type HistogramCtor = fn() -> Histogram;
 
 fn latency_histogram() -> Histogram {
@@ -103,6 +108,13 @@ pub struct Metrics {
     /// Connections from trusted proxies closed for want of a valid PROXY
     /// protocol header (`server.proxy_protocol`), by reason.
     pub proxy_protocol_rejections: Family<ReasonLabels, Counter>,
+    /// TLS handshakes on the HTTPS listener that did not complete, by
+    /// reason: `timeout` (not done within `server.first_byte_timeout_ms`),
+    /// `closed` (the client went away), `protocol` (not TLS, or TLS we
+    /// refuse).
+    pub tls_handshake_failures: Family<ReasonLabels, Counter>,
+    /// Certificate reloads by outcome (`ok`, `error`).
+    pub tls_reloads: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -220,6 +232,18 @@ impl Metrics {
             "Connections from trusted proxies closed before any request for a missing, malformed, oversized, cut-short or late PROXY protocol header, by reason",
             proxy_protocol_rejections.clone(),
         );
+        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the HTTPS listener that did not complete, by reason (timeout, closed, protocol)",
+            tls_handshake_failures.clone(),
+        );
+        let tls_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Certificate reloads (SIGHUP, admin, file watch) by outcome; on error the previous certificates stay in service",
+            tls_reloads.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -240,7 +264,21 @@ impl Metrics {
             plugin_log_dropped,
             activity_dropped,
             proxy_protocol_rejections,
+            tls_handshake_failures,
+            tls_reloads,
         }
+    }
+
+    pub fn tls_handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn tls_reload(&self, outcome: &'static str) {
+        self.tls_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     pub fn lookup(&self, tier: &'static str, outcome: &'static str) {

@@ -492,6 +492,7 @@ impl Gateway {
             upgrade,
             uri,
             peer_ip: &peer.ip,
+            https: peer.tls,
             request_id,
         };
         h::rewrite_request(headers, &rewrite, |v| self.carries_our_token(v))
@@ -789,6 +790,8 @@ pub struct Peer {
     /// A trusted peer's `X-Forwarded-Proto`: `http` or `https`.
     pub(crate) forwarded_proto: Option<&'static str>,
     pub(crate) conn: Arc<ConnState>,
+    /// The connection is TLS (`[server.tls]`): `x-forwarded-proto: https`.
+    pub(crate) tls: bool,
 }
 
 impl Peer {
@@ -820,6 +823,7 @@ impl Peer {
             tcp_peer: addr,
             forwarded_proto: None,
             conn: ConnState::new(max_upstream, budget),
+            tls: false,
         }
     }
 

@@ -40,6 +40,7 @@ use crate::store::postgres::{PoolSettings, PostgresTier};
 use crate::store::redis::{RedisTier, RedisTls};
 use crate::store::sqlite::SqliteTier;
 use crate::store::{DurableTier, FastTier, SessionStore, StoreError, StoreOptions};
+use crate::tls::EdgeTls;
 use crate::token::TokenKey;
 
 /// Why the gateway could not start.
@@ -53,6 +54,8 @@ pub enum StartError {
     },
     #[error("{file}: key `policies`: {reason}")]
     Policy { file: String, reason: String },
+    #[error("{file}: {reason}")]
+    Tls { file: String, reason: String },
     #[error("cannot listen on {address} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -182,6 +185,8 @@ pub async fn open_store(
 pub struct RunningGateway {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    redirect_addr: Option<SocketAddr>,
+    tls: Option<Arc<EdgeTls>>,
     gateway: Arc<Gateway>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -200,6 +205,12 @@ impl RunningGateway {
     /// The admin listener's address, when `[admin]` is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The plain-HTTP listener that redirects to HTTPS, when
+    /// `server.tls.redirect_listen` is configured.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect_addr
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {
@@ -256,6 +267,15 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         metrics,
         policies.clone(),
     ));
+    let tls = match &config.server.tls {
+        Some(tls_config) => Some(Arc::new(
+            EdgeTls::load(tls_config, gateway.metrics.clone()).map_err(|e| StartError::Tls {
+                file: config.source.clone(),
+                reason: e.to_string(),
+            })?,
+        )),
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
@@ -270,7 +290,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     if let Some(admin_config) = &config.admin {
         let admin_listener = bind(admin_config.listen, "admin.listen").await?;
         admin_addr = admin_listener.local_addr().ok();
-        let admin = Arc::new(Admin::new(gateway.clone(), &admin_config.token));
+        let admin =
+            Arc::new(Admin::new(gateway.clone(), &admin_config.token).with_tls(tls.clone()));
         // Its own connection budget, so that proxy clients cannot take it.
         let limits = ConnLimits {
             max_connections: admin_config.max_connections,
@@ -282,6 +303,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             Edge::default(),
             http_builder(&config.server),
             shutdown_rx.clone(),
+            None,
             move |req, _peer: &Peer| admin.clone().handle(req),
         )));
     }
@@ -308,14 +330,59 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         }
     }
     let proxy_gateway = gateway.clone();
+    let listener_tls = tls.as_ref().map(|t| {
+        Arc::new(ListenerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(t.server_config()),
+            metrics: gateway.metrics.clone(),
+        })
+    });
+    let hsts = config.server.tls.as_ref().and_then(hsts_value);
     tasks.push(tokio::spawn(serve(
         listener,
         ConnLimits::from(&config.server),
-        edge,
+        edge.clone(),
         http_builder(&config.server),
         shutdown_rx.clone(),
-        move |req, peer: &Peer| proxy_gateway.clone().handle(req, peer.clone()),
+        listener_tls,
+        move |req, peer: &Peer| {
+            let resp = proxy_gateway.clone().handle(req, peer.clone());
+            let hsts = hsts.clone();
+            async move {
+                let mut resp = resp.await;
+                if let Some(hsts) = hsts {
+                    resp.headers_mut()
+                        .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
+                }
+                resp
+            }
+        },
     )));
+
+    let mut redirect_addr = None;
+    if let Some(redirect) = config.server.tls.as_ref().and_then(|t| t.redirect_listen) {
+        let redirect_listener = bind(redirect, "server.tls.redirect_listen").await?;
+        redirect_addr = redirect_listener.local_addr().ok();
+        let https_port = addr.port();
+        tasks.push(tokio::spawn(serve(
+            redirect_listener,
+            ConnLimits::from(&config.server),
+            // Client-facing like `listen`: the same balancers in front.
+            edge,
+            http_builder(&config.server),
+            shutdown_rx.clone(),
+            None,
+            move |req, _peer: &Peer| std::future::ready(redirect_to_https(&req, https_port)),
+        )));
+    }
+    if let (Some(tls), Some(tls_config)) = (&tls, &config.server.tls)
+        && tls_config.watch
+    {
+        tasks.push(tokio::spawn(watch_tls(
+            tls.clone(),
+            tls_config.watch_interval,
+            shutdown_rx.clone(),
+        )));
+    }
 
     let (maintenance_tx, maintenance_rx) = watch::channel(false);
     let maintenance = vec![
@@ -336,6 +403,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
 
     tracing::info!(
         %addr,
+        https = tls.is_some(),
+        redirect = ?redirect_addr,
         admin = ?admin_addr,
         durable = %config.redacted_database_url(),
         "sessiongate is serving"
@@ -343,6 +412,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     Ok(RunningGateway {
         addr,
         admin_addr,
+        redirect_addr,
+        tls,
         gateway,
         shutdown: shutdown_tx,
         tasks,
@@ -376,8 +447,22 @@ pub async fn load_policies(config: &Config, metrics: Arc<Metrics>) -> Result<Pol
     ))
 }
 
+/// Checks `[server.tls]`'s certificates and keys as a start would
+/// (`sessiongate check`): the number of certificates, 0 without TLS.
+pub fn check_tls(config: &Config) -> Result<usize, StartError> {
+    let Some(tls) = &config.server.tls else {
+        return Ok(0);
+    };
+    EdgeTls::check(tls)
+        .map(|certs| certs.len())
+        .map_err(|e| StartError::Tls {
+            file: config.source.clone(),
+            reason: e.to_string(),
+        })
+}
+
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP
-/// reloads the policy plugins.
+/// reloads the policy plugins and the TLS certificates.
 pub async fn run(config: Config) -> Result<(), StartError> {
     use tokio::signal::unix::{SignalKind, signal};
     // Handlers first: a signal that arrives while starting is not lost.
@@ -390,9 +475,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the policy plugins");
-                // The outcome is logged by reload itself.
+                tracing::info!("SIGHUP: reloading the policy plugins and the TLS certificates");
+                // The outcomes are logged by the reloads themselves.
                 let _ = running.gateway().policies.reload().await;
+                if let Some(tls) = &running.tls {
+                    let _ = tls.reload().await;
+                }
             }
         }
     }
@@ -424,6 +512,118 @@ async fn watch_plugins(
             last = now;
         }
     }
+}
+
+/// Reloads the certificates when a certificate or key file's
+/// modification time or size changes (`server.tls.watch`). A change is
+/// acted on once the files have looked the same for two looks in a row,
+/// so that a chain and its key rewritten one after the other are read
+/// as a pair rather than as a mismatch in between.
+async fn watch_tls(tls: Arc<EdgeTls>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut last = tls.file_stamps();
+    let mut pending: Option<Vec<_>> = None;
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = tls.file_stamps();
+        if now == last {
+            pending = None;
+        } else if pending.as_ref() == Some(&now) {
+            tracing::info!("a TLS certificate or key file changed: reloading");
+            // The outcome is logged by reload itself; a failed one is
+            // tried again only once the files change again.
+            let _ = tls.reload().await;
+            last = now;
+            pending = None;
+        } else {
+            pending = Some(now);
+        }
+    }
+}
+
+/// `Strict-Transport-Security` for the HTTPS listener's responses.
+fn hsts_value(tls: &crate::config::ServerTlsConfig) -> Option<http::HeaderValue> {
+    let max_age = tls.hsts_max_age?;
+    let mut value = format!("max-age={}", max_age.as_secs());
+    if tls.hsts_include_subdomains {
+        value.push_str("; includeSubDomains");
+    }
+    http::HeaderValue::from_str(&value).ok()
+}
+
+/// The redirect listener's one answer: 308 to the same host, path and
+/// query on the HTTPS listener. The host comes from the request (its
+/// absolute-form authority, else `Host`) and is used only if it is a
+/// plain DNS name or IP address: anything else gets 400, so nothing a
+/// client sends is reflected into `Location` unchecked.
+fn redirect_to_https(req: &Request<Incoming>, https_port: u16) -> Response<Body> {
+    let given = match req.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok()),
+    };
+    let Some(host) = given.and_then(redirect_host) else {
+        let id = uuid::Uuid::now_v7().to_string();
+        return crate::error::json_error(
+            http::StatusCode::BAD_REQUEST,
+            "invalid_host",
+            "the request needs a Host header naming this server (a DNS name or an IP address)",
+            &id,
+        );
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or("/");
+    let location = if https_port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{https_port}{path}")
+    };
+    let mut resp = Response::new(crate::body::empty());
+    *resp.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+    match http::HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+        }
+        // The host and the path are both header-safe: not reached.
+        Err(_) => *resp.status_mut() = http::StatusCode::BAD_REQUEST,
+    }
+    resp
+}
+
+/// The host of an authority (`host[:port]`) if it is a DNS name, an IPv4
+/// address or a bracketed IPv6 address, lower-cased and without the port.
+fn redirect_host(authority: &str) -> Option<String> {
+    let authority: http::uri::Authority = authority.parse().ok()?;
+    if authority.as_str().contains('@') {
+        return None;
+    }
+    let host = authority.host();
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        let ip: std::net::Ipv6Addr = inner.parse().ok()?;
+        return Some(format!("[{ip}]"));
+    }
+    let dns = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    dns.then(|| host.to_ascii_lowercase())
 }
 
 async fn bind(address: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
@@ -497,6 +697,7 @@ async fn serve<F, Fut>(
     edge: Edge,
     builder: auto::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
+    tls: Option<Arc<ListenerTls>>,
     handler: F,
 ) where
     F: Fn(Request<Incoming>, &Peer) -> Fut + Clone + Send + Sync + 'static,
@@ -546,7 +747,7 @@ async fn serve<F, Fut>(
             builder.clone(),
             handler.clone(),
         );
-        let phase = phase.subscribe();
+        let (phase, tls) = (phase.subscribe(), tls.clone());
         let budget = ConnBudget::new(permit, client_slot);
         tokio::spawn(async move {
             // Before anything else on the connection (TLS included): a
@@ -561,7 +762,7 @@ async fn serve<F, Fut>(
                 client,
                 tcp_peer: peer,
             };
-            connection(stream, peer, builder, handler, limits, phase, budget).await;
+            connection(stream, peer, builder, handler, limits, phase, budget, tls).await;
         });
     }
     drop(listener);
@@ -576,12 +777,22 @@ async fn serve<F, Fut>(
     }
 }
 
-/// Serves one connection: its first bytes must come within
-/// `limits.first_byte`, and a watchdog closes it once it has had no
-/// request in flight for `limits.idle` (HTTP/1 keep-alive, HTTP/2, or an
-/// HTTP/2 header block that never ends). `budget` (its place under the
-/// listener's caps) is given back once nothing of the connection is left,
-/// a WebSocket tunnel it became included.
+/// What a TLS listener's connections need: the acceptor (its rustls
+/// configuration resolves each handshake's certificate from the current
+/// set) and where to count failed handshakes.
+struct ListenerTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    metrics: Arc<Metrics>,
+}
+
+/// Serves one connection. Everything before its first request, the TLS
+/// handshake included, must be done within `limits.first_byte` of the
+/// accept; then a watchdog closes it once it has had no request in flight
+/// for `limits.idle` (HTTP/1 keep-alive, HTTP/2, or an HTTP/2 header block
+/// that never ends). `budget` (its place under the listener's caps) is
+/// given back once nothing of the connection is left, a WebSocket tunnel
+/// it became included.
+#[allow(clippy::too_many_arguments)]
 async fn connection<F, Fut>(
     stream: TcpStream,
     peer: Accepted,
@@ -590,28 +801,97 @@ async fn connection<F, Fut>(
     limits: ConnLimits,
     mut phase: watch::Receiver<Phase>,
     budget: ConnBudget,
+    tls: Option<Arc<ListenerTls>>,
 ) where
     F: Fn(Request<Incoming>, &Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let mut io = tokio::select! {
-        detected = tokio::time::timeout(limits.first_byte, Detected::read(stream)) => match detected {
-            Ok(Ok(Some(io))) => io,
-            Ok(Ok(None)) => return,
+    let deadline = Instant::now() + limits.first_byte;
+    let Some(tls) = tls else {
+        if let Some(io) = first_bytes(stream, peer, deadline, &mut phase).await {
+            serve_connection(io, peer, builder, handler, limits, phase, budget, false).await;
+        }
+        return;
+    };
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)) => handshake,
+        _ = phase.changed() => return,
+    };
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            let reason = handshake_failure(&e);
+            tls.metrics.tls_handshake_failure(reason);
+            tracing::debug!(%peer, error = %e, reason, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tls.metrics.tls_handshake_failure("timeout");
+            tracing::debug!(%peer, "connection closed: TLS handshake not done within first_byte_timeout");
+            return;
+        }
+    };
+    if let Some(io) = first_bytes(stream, peer, deadline, &mut phase).await {
+        serve_connection(io, peer, builder, handler, limits, phase, budget, true).await;
+    }
+}
+
+/// Why a handshake failed, as the metric's `reason`.
+fn handshake_failure(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => "closed",
+        _ => "protocol",
+    }
+}
+
+/// Reads a connection's first bytes by `deadline` (see [`Detected`]);
+/// `None` when it closed, failed or said nothing in time.
+async fn first_bytes<S>(
+    stream: S,
+    peer: Accepted,
+    deadline: Instant,
+    phase: &mut watch::Receiver<Phase>,
+) -> Option<Detected<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        detected = tokio::time::timeout_at(deadline, Detected::read(stream)) => match detected {
+            Ok(Ok(Some(io))) => Some(io),
+            Ok(Ok(None)) => None,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "connection failed before its first request");
-                return;
+                None
             }
             Err(_) => {
                 tracing::debug!(%peer, "connection closed: no request within first_byte_timeout");
-                return;
+                None
             }
         },
-        _ = phase.changed() => return,
-    };
+        _ = phase.changed() => None,
+    }
+}
 
-    let client =
+/// Serves HTTP/1.1 and HTTP/2 on a connection whose first bytes are in.
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<S, F, Fut>(
+    mut io: Detected<S>,
+    peer: Accepted,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: F,
+    limits: ConnLimits,
+    mut phase: watch::Receiver<Phase>,
+    budget: ConnBudget,
+    tls: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>, &Peer) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut client =
         Peer::for_connection(peer.client, limits.max_upstream, Some(budget)).via(peer.tcp_peer);
+    client.tls = tls;
     let state = client.conn.clone();
     io.watch_writes(state.clone());
     let service = service_fn(move |req| {
@@ -728,21 +1008,21 @@ impl std::fmt::Display for Accepted {
 /// from the HTTP/2 preface (so that a connection sending nothing is closed
 /// on our clock, not left to hyper's); hyper reads those bytes again
 /// before the socket's.
-struct Detected {
+struct Detected<S> {
     head: [u8; 24],
     start: usize,
     end: usize,
-    stream: TcpStream,
+    stream: S,
     /// Told when a write has to wait for the client, and when it no
     /// longer does (`write_waiting` mirrors what it was last told).
     writes: Option<Arc<ConnState>>,
     write_waiting: bool,
 }
 
-impl Detected {
+impl<S: AsyncRead + Unpin> Detected<S> {
     /// Reads until the bytes are not a prefix of the HTTP/2 preface, or are
     /// all of it. `None` when the client closes first.
-    async fn read(mut stream: TcpStream) -> std::io::Result<Option<Detected>> {
+    async fn read(mut stream: S) -> std::io::Result<Option<Detected<S>>> {
         let mut head = [0u8; 24];
         let mut end = 0;
         while end < head.len() {
@@ -764,7 +1044,9 @@ impl Detected {
             write_waiting: false,
         }))
     }
+}
 
+impl<S> Detected<S> {
     fn watch_writes(&mut self, state: Arc<ConnState>) {
         self.writes = Some(state);
     }
@@ -783,7 +1065,7 @@ impl Detected {
     }
 }
 
-impl AsyncRead for Detected {
+impl<S: AsyncRead + Unpin> AsyncRead for Detected<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -800,7 +1082,7 @@ impl AsyncRead for Detected {
     }
 }
 
-impl AsyncWrite for Detected {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Detected<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -845,6 +1127,50 @@ async fn sweeper(store: SessionStore, every: Duration, mut shutdown: watch::Rece
             Ok(0) => {}
             Ok(n) => tracing::info!(swept = n, "deleted expired sessions"),
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed; will retry"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn redirect_hosts_are_plain_names_or_addresses() {
+        for (given, host) in [
+            ("Example.COM:8080", Some("example.com")),
+            ("example.com", Some("example.com")),
+            ("127.0.0.1:80", Some("127.0.0.1")),
+            ("[::1]:8080", Some("[::1]")),
+            ("[0:0::1]", Some("[::1]")),
+            ("xn--bcher-kva.example", Some("xn--bcher-kva.example")),
+            ("", None),
+            ("-", None),
+            ("a..b", None),
+            ("-a.example", None),
+            ("user@example.com", None),
+            ("example.com/x", None),
+            ("example.com\"><x", None),
+            ("exa%6dple.com", None),
+            ("[not-v6]", None),
+            ("a_b.example", None),
+        ] {
+            assert_eq!(redirect_host(given).as_deref(), host, "{given:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_redirect_host_never_carries_anything_but_name_characters(text in "\\PC{0,40}") {
+            if let Some(host) = redirect_host(&text) {
+                prop_assert!(!host.is_empty());
+                prop_assert!(host.bytes().all(|b| b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'.' | b'-' | b'[' | b']' | b':')), "{:?}", host);
+                let location = format!("https://{host}/");
+                prop_assert!(http::HeaderValue::from_str(&location).is_ok());
+            }
         }
     }
 }

@@ -836,6 +836,11 @@ impl GatewayUnderTest {
         self.dir
     }
 
+    /// The plain-HTTP redirect listener (`server.tls.redirect_listen`).
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.running.as_ref().and_then(|r| r.redirect_addr())
+    }
+
     /// The running gateway itself (for shutdown tests).
     pub fn take_running(&mut self) -> RunningGateway {
         self.running.take().expect("gateway is running")

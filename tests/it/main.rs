@@ -13,4 +13,5 @@ mod sec_headers;
 mod sec_limits;
 mod sec_origins;
 mod sec_paths;
+mod sec_tls;
 mod store_suite;
