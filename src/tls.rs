@@ -13,7 +13,10 @@
 //! certificate they were made with: a reload touches no connection. It
 //! does forget the TLS session cache ([`SessionCache`]), so that a client
 //! resuming a session made under the old certificate gets a full
-//! handshake, and the new certificate, on its next connection.
+//! handshake, and the new certificate, on its next connection (a
+//! resumption under way at that very moment still completes, and the
+//! tickets it is given are stored in the new cache: a client on that
+//! chain keeps resuming until it makes a full handshake).
 
 use std::collections::HashMap;
 use std::fmt;

@@ -1108,12 +1108,10 @@ async fn swap_under_load(watch: bool) {
     .await;
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(LoopLog::default()));
-    let client = loop_new_connections(
-        gw.addr,
-        default_client_config(&pki),
-        stop.clone(),
-        log.clone(),
-    );
+    // A full handshake each time (resumption is `a_reload_forgets_...`'s).
+    let mut config = (*default_client_config(&pki)).clone();
+    config.resumption = rustls::client::Resumption::disabled();
+    let client = loop_new_connections(gw.addr, Arc::new(config), stop.clone(), log.clone());
     wait_for_log(&log, BOUND, |l| l.served.len() >= 20).await;
 
     let new = pki.leaf(&["localhost", "127.0.0.1"]);
@@ -1167,6 +1165,49 @@ async fn a_certificate_swapped_on_disk_is_picked_up_by_the_watcher_and_fails_no_
 
 /// What a case does to the certificate files.
 type Damage<'a> = Box<dyn Fn() + 'a>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_forgets_the_tls_sessions_made_under_the_old_certificate() {
+    let pki = Pki::new();
+    let up = TestUpstream::start().await;
+    let (gw, old) = standard_tls(&pki, &up, "").await;
+    // One client config: it keeps the session tickets it is given.
+    let config = client_config(&pki, &[&rustls::version::TLS13], &[b"http/1.1"]);
+    let connect = || async {
+        let stream = connect_tls(gw.addr, "localhost", config.clone())
+            .await
+            .unwrap();
+        let kind = stream.get_ref().1.handshake_kind();
+        let leaf = leaf_of(&stream);
+        // The tickets come after the handshake: a request reads them.
+        let a = send_on(stream, Proto::H1, "GET", "/public/x", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200);
+        (kind, leaf)
+    };
+    assert_eq!(
+        connect().await,
+        (Some(rustls::HandshakeKind::Full), old.der.clone())
+    );
+    assert_eq!(
+        connect().await,
+        (Some(rustls::HandshakeKind::Resumed), old.der.clone()),
+        "the second connection resumes"
+    );
+    let new = pki.leaf(&["localhost", "127.0.0.1"]);
+    pki.write("default", &new);
+    assert_eq!(admin_reload(&gw).await.0, 200);
+    assert_eq!(
+        connect().await,
+        (Some(rustls::HandshakeKind::Full), new.der.clone()),
+        "a session of the old certificate was resumed after the reload"
+    );
+    assert_eq!(
+        connect().await,
+        (Some(rustls::HandshakeKind::Resumed), new.der)
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_certificate_is_refused_and_the_old_one_stays_in_service() {
