@@ -1802,3 +1802,89 @@ async fn the_tls_admin_endpoints_are_404_without_tls_and_need_the_admin_token() 
         .unwrap();
     expect_error(resp, 405).await;
 }
+
+// ---------------------------------------------------------------------------
+// Behind a TCP balancer: the PROXY protocol, then TLS
+// ---------------------------------------------------------------------------
+
+/// A TCP connection to `addr` from the loopback address `src`.
+async fn connect_from(src: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((src, 0))).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// The TLS handshake (SNI `localhost`) on an open connection.
+async fn tls_over(
+    tcp: TcpStream,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let name = ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(BOUND, TlsConnector::from(config).connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("handshake timed out"))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_balancer_the_proxy_header_comes_before_the_tls_handshake() {
+    let pki = Pki::new();
+    let up = TestUpstream::start().await;
+    let (gw, leaf) = standard_tls(
+        &pki,
+        &up,
+        "trusted_proxies = [\"127.0.0.2\"]\nproxy_protocol = true\nfirst_byte_timeout_ms = 2000",
+    )
+    .await;
+    let proxy_line = format!(
+        "PROXY TCP4 203.0.113.7 127.0.0.1 5555 {}\r\n",
+        gw.addr.port()
+    );
+    for proto in [Proto::H1, Proto::H2] {
+        // The balancer (127.0.0.2) passes the client's TLS through.
+        let mut tcp = connect_from([127, 0, 0, 2], gw.addr).await;
+        tcp.write_all(proxy_line.as_bytes()).await.unwrap();
+        let config = client_config(
+            &pki,
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+            &[proto.alpn()],
+        );
+        let stream = tls_over(tcp, config).await.unwrap();
+        assert_eq!(leaf_of(&stream), leaf.der);
+        let a = send_on(stream, proto, "GET", "/public/x", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200, "{proto:?}: {}", a.text());
+        let echo = a.json();
+        assert_eq!(
+            seen(&echo, "x-forwarded-for"),
+            Some("203.0.113.7"),
+            "{proto:?}"
+        );
+        assert_eq!(seen(&echo, "x-forwarded-proto"), Some("https"), "{proto:?}");
+    }
+    // A client that is not the balancer is served without a PROXY header
+    // and as itself; one that sends a PROXY line is no TLS client.
+    let a = get(&pki, gw.addr, Proto::H2, "/public/x").await;
+    assert_eq!(seen(&a.json(), "x-forwarded-for"), Some("127.0.0.1"));
+    let mut tcp = connect_from([127, 0, 0, 1], gw.addr).await;
+    tcp.write_all(proxy_line.as_bytes()).await.unwrap();
+    assert!(
+        tls_over(tcp, default_client_config(&pki)).await.is_err(),
+        "a PROXY line from an untrusted client was taken"
+    );
+    // The balancer with its header and then plain HTTP: closed, not served.
+    let before = up.hits();
+    let mut tcp = connect_from([127, 0, 0, 2], gw.addr).await;
+    tcp.write_all(
+        format!("{proxy_line}GET /public/x HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (got, _) = closed_within(&mut tcp, BOUND).await;
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(up.hits(), before);
+}
