@@ -33,7 +33,7 @@ try {
   const protocol = await page.evaluate(() => performance.getEntriesByType("navigation")[0].nextHopProtocol);
   if (protocol !== "h2") fail(`expected HTTP/2, got ${protocol}`);
   const security = await resp.securityDetails();
-  const tls = security ? security.protocol() : "none";
+  const tls = security ? security.protocol : "none";
   if (tls !== "TLS 1.3") fail(`expected TLS 1.3, got ${tls}`);
   const cookies = await page.context().cookies();
   const session = cookies.find((c) => c.name === "sg_session");
