@@ -377,10 +377,22 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     if let (Some(tls), Some(tls_config)) = (&tls, &config.server.tls)
         && tls_config.watch
     {
-        tasks.push(tokio::spawn(watch_tls(
-            tls.clone(),
+        let (stamps, reload) = (tls.clone(), tls.clone());
+        tasks.push(tokio::spawn(watch_files(
+            "a TLS certificate or key file",
+            // A chain and its key are rewritten one after the other: read
+            // them as a pair, not as a mismatch in between.
+            Settle::TwoLooks,
             tls_config.watch_interval,
             shutdown_rx.clone(),
+            move || stamps.file_stamps(),
+            move || {
+                let tls = reload.clone();
+                // The outcome is logged by reload itself.
+                async move {
+                    let _ = tls.reload().await;
+                }
+            },
         )));
     }
 
@@ -394,10 +406,19 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         tokio::spawn(async move { store.maintain(maintenance_rx.clone()).await }),
     ];
     if config.plugins.watch && !config.policies.is_empty() {
-        tasks.push(tokio::spawn(watch_plugins(
-            policies,
+        let stamps = policies.clone();
+        tasks.push(tokio::spawn(watch_files(
+            "a policy plugin file",
+            Settle::No,
             config.plugins.watch_interval,
             shutdown_rx.clone(),
+            move || stamps.file_stamps(),
+            move || {
+                let policies = policies.clone();
+                async move {
+                    let _ = policies.reload().await;
+                }
+            },
         )));
     }
 
@@ -490,38 +511,34 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Reloads the chain when a plugin file's modification time or size
-/// changes (`plugins.watch`).
-async fn watch_plugins(
-    policies: Arc<Policies>,
-    every: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut last = policies.file_stamps();
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let now = policies.file_stamps();
-        if now != last {
-            tracing::info!("a policy plugin file changed: reloading");
-            let _ = policies.reload().await;
-            last = now;
-        }
-    }
+/// When a watched set of files counts as changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// At the first look that differs from the last reload's.
+    No,
+    /// Once two looks in a row agree on the new state, so that files
+    /// written one after the other are read together.
+    TwoLooks,
 }
 
-/// Reloads the certificates when a certificate or key file's
-/// modification time or size changes (`server.tls.watch`). A change is
-/// acted on once the files have looked the same for two looks in a row,
-/// so that a chain and its key rewritten one after the other are read
-/// as a pair rather than as a mismatch in between.
-async fn watch_tls(tls: Arc<EdgeTls>, every: Duration, mut shutdown: watch::Receiver<bool>) {
-    let mut last = tls.file_stamps();
-    let mut pending: Option<Vec<_>> = None;
+/// Calls `reload` when the files behind `stamps` (their modification
+/// times and sizes: `plugins.watch`, `server.tls.watch`) change, looking
+/// every `every`. A failed reload is tried again only once the files
+/// change again: the same bad file would fail the same way.
+async fn watch_files<S, R, Fut>(
+    what: &'static str,
+    settle: Settle,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    stamps: impl Fn() -> S,
+    reload: R,
+) where
+    S: PartialEq,
+    R: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut last = stamps();
+    let mut pending: Option<S> = None;
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -529,19 +546,19 @@ async fn watch_tls(tls: Arc<EdgeTls>, every: Duration, mut shutdown: watch::Rece
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let now = tls.file_stamps();
+        let now = stamps();
         if now == last {
             pending = None;
-        } else if pending.as_ref() == Some(&now) {
-            tracing::info!("a TLS certificate or key file changed: reloading");
-            // The outcome is logged by reload itself; a failed one is
-            // tried again only once the files change again.
-            let _ = tls.reload().await;
-            last = now;
-            pending = None;
-        } else {
-            pending = Some(now);
+            continue;
         }
+        if settle == Settle::TwoLooks && pending.as_ref() != Some(&now) {
+            pending = Some(now);
+            continue;
+        }
+        tracing::info!("{what} changed: reloading");
+        reload().await;
+        last = now;
+        pending = None;
     }
 }
 
