@@ -46,11 +46,39 @@ fn classify(address: &str, e: sqlx::Error) -> StoreError {
             tier: TIER,
             message: format!("{address}: {e}"),
         },
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| unavailable_sqlstate(&c)) => {
+            StoreError::Unavailable {
+                tier: TIER,
+                message: format!("{address}: {e}"),
+            }
+        }
         _ => StoreError::Backend {
             tier: TIER,
             message: e.to_string(),
         },
     }
+}
+
+/// SQLSTATEs that say "not this server, not now" rather than "this
+/// request is wrong": what a failover, a restart or a full server answers.
+/// The same request succeeds once the new primary takes over, so it is a
+/// 503 `store_unavailable` (retry), not a 500.
+fn unavailable_sqlstate(code: &str) -> bool {
+    // Class 08: connection exceptions.
+    code.starts_with("08")
+        || matches!(
+            code,
+            // read_only_sql_transaction: a standby, or a primary demoted by
+            // the failover while our pool still points at it.
+            "25006"
+                // admin_shutdown, crash_shutdown, cannot_connect_now
+                // (starting up or in recovery).
+                | "57P01"
+                | "57P02"
+                | "57P03"
+                // too_many_connections (also what a full PgBouncer says).
+                | "53300"
+        )
 }
 
 fn corrupt(message: String) -> StoreError {
@@ -356,5 +384,23 @@ impl DurableTier for PostgresTier {
             .await
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unavailable_sqlstate;
+
+    #[test]
+    fn failover_sqlstates_are_unavailability_and_request_errors_are_not() {
+        for code in [
+            "08006", "08001", "25006", "57P01", "57P02", "57P03", "53300",
+        ] {
+            assert!(unavailable_sqlstate(code), "{code}");
+        }
+        // unique_violation, undefined_table, syntax_error, serialization_failure
+        for code in ["23505", "42P01", "42601", "40001"] {
+            assert!(!unavailable_sqlstate(code), "{code}");
+        }
     }
 }

@@ -706,6 +706,98 @@ async fn postgres_unreachable_reads_work_and_creates_get_503() {
     db.drop_db().await;
 }
 
+/// Runs `sql` on the admin connection (statements a test database cannot
+/// run on itself, like `ALTER DATABASE`).
+async fn pg_admin(sql: String) {
+    let admin = sqlx::PgPool::connect(PG_ADMIN_URL)
+        .await
+        .expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&admin)
+        .await
+        .expect("admin statement");
+    admin.close().await;
+}
+
+/// What a PostgreSQL failover looks like from a gateway: its connections
+/// terminated by the server (57P01), then a server that is read-only
+/// (25006, a standby or a demoted primary). Each is a 503
+/// `store_unavailable`, never a 500, sessions already made keep being
+/// served, and once a writable primary is back, creates work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_failover_errors_are_503_not_500() {
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let gw = Gw::start(config(
+        &upstream,
+        &db.url(),
+        "connect_timeout_ms = 2000",
+        "",
+    ))
+    .await;
+    let alice = gw.login("alice").await;
+    // A tier of the test's own on the same database, to see how its errors
+    // are classified (the gateway's answers alone would not show it: every
+    // store failure of a create is a 503 there).
+    let tier = pg_tier(&db.url()).await;
+
+    let terminate = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{}' AND pid <> pg_backend_pid()",
+        db.name
+    );
+    pg_admin(format!(
+        "ALTER DATABASE {} SET default_transaction_read_only = on",
+        db.name
+    ))
+    .await;
+    pg_admin(terminate.clone()).await;
+    for attempt in 0..3 {
+        // A write: the first on a terminated connection (57P01 or a closed
+        // socket), the next ones on a read-only server (25006).
+        match tier.sweep_expired(i64::MAX, 10).await {
+            Err(sessiongate::store::StoreError::Unavailable { .. }) => {}
+            other => panic!("attempt {attempt}: a failover error is unavailability, got {other:?}"),
+        }
+    }
+    for attempt in 0..4 {
+        let resp = gw.login_response(&format!("bob{attempt}")).await;
+        let body = harness::expect_error(resp, 503).await;
+        assert_eq!(
+            body["code"], "store_unavailable",
+            "attempt {attempt}: {body}"
+        );
+    }
+    assert_eq!(
+        gw.status("/", &alice).await,
+        200,
+        "existing sessions are served"
+    );
+
+    pg_admin(format!(
+        "ALTER DATABASE {} SET default_transaction_read_only = off",
+        db.name
+    ))
+    .await;
+    pg_admin(terminate).await;
+    // The pool's connections were made read-only; new ones are writable.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = gw.login_response("carol").await.status();
+        assert!(
+            status == 200 || status == 503,
+            "a failover answer is 503 or a login, got {status}"
+        );
+        if status != 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "creates never worked again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+    db.drop_db().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_for_one_session_make_one_query() {
     let db = PgDb::create().await;
