@@ -343,6 +343,11 @@ pub struct SessionStore {
 
 /// How many pending revocations are replayed per round trip.
 const REPLAY_BATCH: u32 = 1_000;
+/// Attempts to write a revocation to the fast tier before it is left to
+/// the next replay, and the pause between them (each attempt is bounded by
+/// the tier's own timeout, `store.redis_timeout_ms`).
+const FAST_REVOKE_ATTEMPTS: u32 = 2;
+const FAST_REVOKE_RETRY_DELAY: Duration = Duration::from_millis(20);
 
 impl SessionStore {
     pub fn new(
@@ -637,11 +642,24 @@ impl SessionStore {
                 pending.remove(key);
             }
         }
-        if self.fast_trusted() {
+        // Tried even while the fast tier is distrusted: another instance
+        // may trust it (its own connection never broke), and would serve
+        // the session from it until this one's next replay. A tombstone
+        // is never wrong to write, so the only cost of trying is the wait.
+        // One retry, because the usual failure is a connection that broke
+        // under the last command and is being re-made.
+        let mut last_error = None;
+        for attempt in 0..FAST_REVOKE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(FAST_REVOKE_RETRY_DELAY).await;
+            }
             match inner.fast.revoke(&entries).await {
                 Ok(()) => return Ok(()),
-                Err(e) => self.fast_failed("revoke", &e),
+                Err(e) => last_error = Some(e),
             }
+        }
+        if let Some(e) = last_error {
+            self.fast_failed("revoke", &e);
         }
         inner
             .metrics

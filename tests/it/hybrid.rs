@@ -638,6 +638,71 @@ async fn a_session_revoked_while_redis_was_down_stays_revoked_when_redis_returns
     db.drop_db().await;
 }
 
+/// Issue 13's reproduction: Redis restarts; gateway A's next lookup gets a
+/// broken connection, so A distrusts Redis (for a long `redis_retry_ms`);
+/// gateway B recovers at once and trusts Redis again, where alice's
+/// session still is. A revocation made through A while A distrusts Redis
+/// must still reach Redis: B refuses the token as soon as the revoke call
+/// has answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_made_while_redis_is_distrusted_still_reaches_it() {
+    let mut redis = RedisServer::start(true).await;
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let redis_url = redis.url();
+    let cfg = |retry_ms: u64| {
+        config(
+            &upstream,
+            &db.url(),
+            &format!(
+                "redis_url = {redis_url:?}\nredis_timeout_ms = 500\nredis_retry_ms = {retry_ms}"
+            ),
+            "",
+        )
+    };
+    let a = Gw::start(cfg(600_000)).await;
+    let b = Gw::start(cfg(100)).await;
+    let (alice, alice_id) = admin_create(&a, "alice").await;
+    assert_eq!(a.status("/", &alice).await, 200);
+    assert_eq!(b.status("/", &alice).await, 200);
+
+    redis.restart().await;
+    // A: the broken connection makes it distrust Redis, for ten minutes.
+    assert_eq!(a.status("/", &alice).await, 200, "served from PostgreSQL");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.running().gateway().store.fast_trusted() {
+        assert!(Instant::now() < deadline, "A never noticed the restart");
+        assert_eq!(a.status("/", &alice).await, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // B: trusts the restarted Redis again after its replay.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(b.status("/", &alice).await, 200);
+        if b.readyz().await.0 == 200 && b.running().gateway().store.fast_trusted() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never trusted Redis again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !a.running().gateway().store.fast_trusted(),
+        "A still distrusts Redis"
+    );
+
+    let resp = admin_delete(&a, &format!("/v1/sessions/{alice_id}")).await;
+    assert_eq!(resp.status(), 204, "revoked through A");
+    assert_eq!(
+        b.status("/", &alice).await,
+        401,
+        "B, which trusts Redis, refuses the token as soon as the revoke call has answered"
+    );
+    assert_eq!(a.status("/", &alice).await, 401);
+    b.shutdown().await;
+    a.shutdown().await;
+    db.drop_db().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_reads_work_and_creates_get_503() {
     let db = PgDb::create().await;
