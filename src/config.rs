@@ -1447,6 +1447,13 @@ fn server_tls(
 /// A lower-case DNS name as a client sends it in SNI, or `*.` and one.
 fn is_server_name(name: &str) -> bool {
     let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.bytes().any(|b| b.is_ascii_uppercase()) && is_dns_name(name)
+}
+
+/// A DNS host name (letters of either case, digits, `-` inside labels;
+/// labels of 1 to 63 bytes; 253 in all): what a server name or a `Host`
+/// may be before it is used in SNI or written into a redirect.
+pub(crate) fn is_dns_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {
@@ -1456,7 +1463,7 @@ fn is_server_name(name: &str) -> bool {
                 && !label.ends_with('-')
                 && label
                     .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 

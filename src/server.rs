@@ -629,18 +629,7 @@ fn redirect_host(authority: &str) -> Option<String> {
         let ip: std::net::Ipv6Addr = inner.parse().ok()?;
         return Some(format!("[{ip}]"));
     }
-    let dns = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    dns.then(|| host.to_ascii_lowercase())
+    crate::config::is_dns_name(host).then(|| host.to_ascii_lowercase())
 }
 
 async fn bind(address: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
