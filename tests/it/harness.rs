@@ -1192,42 +1192,53 @@ http {{
     )
 }
 
+/// Starts nginx (one process, no daemon) in `dir` with the config
+/// `conf(port)` on a free loopback port, killed when the child is dropped.
+/// The port is picked free and then bound by nginx: another test may take
+/// it in between, so a bind failure is retried on a new port. Panics with
+/// nginx's error log if it never listens.
+pub async fn spawn_nginx(
+    dir: &std::path::Path,
+    conf: impl Fn(u16) -> String,
+) -> (SocketAddr, tokio::process::Child) {
+    let binary = nginx_binary();
+    let global = format!(
+        "daemon off; master_process off; pid {}/nginx.pid;",
+        dir.display()
+    );
+    for _ in 0..5 {
+        let port = free_port();
+        let file = dir.join("nginx.conf");
+        std::fs::write(&file, conf(port)).expect("write nginx.conf");
+        let mut child = tokio::process::Command::new(&binary)
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&file)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-g")
+            .arg(&global)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn nginx");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        if wait_listening(addr, &mut child).await {
+            return (addr, child);
+        }
+    }
+    let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+    panic!("nginx did not start (its modules installed? scripts/services.sh); error.log:\n{log}");
+}
+
 impl NginxOrigin {
     pub async fn start() -> NginxOrigin {
-        let binary = nginx_binary();
         let dir = tempfile::tempdir().expect("tempdir");
-        // The port is picked free and then bound by nginx: another test may
-        // take it in between, so a bind failure is retried on a new port.
-        for _ in 0..5 {
-            let port = free_port();
-            let conf = dir.path().join("nginx.conf");
-            std::fs::write(&conf, nginx_config(dir.path(), port)).expect("write nginx.conf");
-            let global = format!(
-                "daemon off; master_process off; pid {}/nginx.pid;",
-                dir.path().display()
-            );
-            let mut child = tokio::process::Command::new(&binary)
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-c")
-                .arg(&conf)
-                .arg("-e")
-                .arg(dir.path().join("error.log"))
-                .arg("-g")
-                .arg(&global)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("spawn nginx");
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            if wait_listening(addr, &mut child).await {
-                return NginxOrigin { addr, child, dir };
-            }
-        }
-        let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-        panic!("nginx did not start; error.log:\n{log}");
+        let (addr, child) = spawn_nginx(dir.path(), |port| nginx_config(dir.path(), port)).await;
+        NginxOrigin { addr, child, dir }
     }
 
     pub fn url(&self) -> String {

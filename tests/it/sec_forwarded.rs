@@ -741,57 +741,32 @@ impl NginxInFront {
     async fn start(gw: SocketAddr, stream: bool) -> NginxInFront {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
-        for _ in 0..5 {
-            let port = free_port();
+        let conf = |port: u16| {
             let front = if stream {
                 format!(
                     "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-                     events {{ worker_connections 64; }}\n\
-                     stream {{ server {{ listen 127.0.0.1:{port}; proxy_bind 127.0.0.2; \
-                     proxy_protocol on; proxy_pass {gw}; }} }}\n"
+                 events {{ worker_connections 64; }}\n\
+                 stream {{ server {{ listen 127.0.0.1:{port}; proxy_bind 127.0.0.2; \
+                 proxy_protocol on; proxy_pass {gw}; }} }}\n"
                 )
             } else {
                 format!(
                     "events {{ worker_connections 64; }}\n\
-                     http {{\n\
-                       access_log off;\n\
-                       client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-                       fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-                       server {{ listen 127.0.0.1:{port};\n\
-                         location / {{ proxy_pass http://{gw}; proxy_bind 127.0.0.2;\n\
-                           proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-                           proxy_set_header X-Forwarded-Proto https; }} }}\n\
-                     }}\n"
+                 http {{\n\
+                   access_log off;\n\
+                   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+                   fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+                   server {{ listen 127.0.0.1:{port};\n\
+                     location / {{ proxy_pass http://{gw}; proxy_bind 127.0.0.2;\n\
+                       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+                       proxy_set_header X-Forwarded-Proto https; }} }}\n\
+                 }}\n"
                 )
             };
-            let conf = dir.path().join("nginx.conf");
-            std::fs::write(&conf, format!("error_log {d}/error.log warn;\n{front}")).unwrap();
-            let mut child = tokio::process::Command::new(nginx_binary())
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-c")
-                .arg(&conf)
-                .arg("-e")
-                .arg(dir.path().join("error.log"))
-                .arg("-g")
-                .arg(format!(
-                    "daemon off; master_process off; pid {d}/nginx.pid;"
-                ))
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("spawn nginx");
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            if wait_listening(addr, &mut child).await {
-                return NginxInFront { addr, child, dir };
-            }
-        }
-        let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-        panic!(
-            "nginx did not start (stream module installed? scripts/services.sh); error.log:\n{log}"
-        );
+            format!("error_log {d}/error.log warn;\n{front}")
+        };
+        let (addr, child) = spawn_nginx(dir.path(), conf).await;
+        NginxInFront { addr, child, dir }
     }
 
     fn error_log(&self) -> String {
