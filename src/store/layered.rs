@@ -402,6 +402,17 @@ impl FastTier for LayeredTier {
         Ok(())
     }
 
+    /// Not announced, and this instance's copies are left to the caller's
+    /// [`FastTier::drop_local`]: one whole-cache drop instead of one
+    /// invalidation per key.
+    async fn forget(&self, keys: &[TokenHash]) -> StoreResult<()> {
+        self.remote.forget(keys).await
+    }
+
+    fn drop_local(&self) {
+        self.local.clear();
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         self.remote.ping().await
     }

@@ -131,6 +131,17 @@ pub trait FastTier: Send + Sync + 'static {
     async fn revoke(&self, entries: &[(TokenHash, i64)]) -> StoreResult<()>;
     /// Forgets keys entirely.
     async fn remove(&self, keys: &[TokenHash]) -> StoreResult<()>;
+    /// Forgets keys in the shared tier without telling other instances:
+    /// the replay of the revocation log, whose keys every instance learnt
+    /// of when they were revoked (see [`SessionStore::recover_fast`]).
+    /// The caller drops this instance's own copies with
+    /// [`FastTier::drop_local`].
+    async fn forget(&self, keys: &[TokenHash]) -> StoreResult<()> {
+        self.remove(keys).await
+    }
+    /// Drops every copy this process holds in front of the shared tier
+    /// (the local cache), at once; nothing elsewhere.
+    fn drop_local(&self) {}
     async fn ping(&self) -> StoreResult<()>;
     /// An id that changes when the backing server restarts (Redis's
     /// `run_id`), if there is one.
@@ -794,6 +805,9 @@ impl SessionStore {
         }
         match self.replay_pending().await {
             Ok(n) => {
+                // The replay announced nothing: this instance's copies go
+                // at once, before anything is read from the fast tier.
+                inner.fast.drop_local();
                 inner.fast_trusted.store(true, Ordering::Release);
                 tracing::info!(replayed = n, "fast tier trusted again");
                 true
@@ -816,8 +830,11 @@ impl SessionStore {
                 return Ok(total);
             };
             // Deleting is enough here: the durable tier no longer has these
-            // sessions, so nothing can restore them.
-            inner.fast.remove(&keys).await?;
+            // sessions, so nothing can restore them. Not announced to the
+            // other instances' local caches: N instances replaying the
+            // whole log would make N² deliveries, for keys whose
+            // revocations were announced when made (see `recover_fast`).
+            inner.fast.forget(&keys).await?;
             total += keys.len();
             after = Some(last);
         }

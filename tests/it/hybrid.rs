@@ -30,23 +30,23 @@ use tokio::task::JoinHandle;
 
 use crate::harness::{self, ADMIN_TOKEN, COOKIE, GatewaySpec, TestUpstream};
 
-const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+pub(crate) const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub(crate) const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
 // ---------------------------------------------------------------------------
 // Servers the tests control.
 // ---------------------------------------------------------------------------
 
 /// A `redis-server` of the test's own on a loopback port, stopped by pid.
-struct RedisServer {
-    port: u16,
+pub(crate) struct RedisServer {
+    pub(crate) port: u16,
     dir: TempDir,
     aof: bool,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    async fn start(aof: bool) -> RedisServer {
+    pub(crate) async fn start(aof: bool) -> RedisServer {
         let mut server = RedisServer {
             port: harness::free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
@@ -85,11 +85,11 @@ impl RedisServer {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    pub(crate) async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         redis::Client::open(self.url())?
             .get_multiplexed_async_connection()
             .await
@@ -113,7 +113,7 @@ impl RedisServer {
     }
 
     /// Kills the server at once (as a crash would).
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -121,7 +121,7 @@ impl RedisServer {
     }
 
     /// Starts it again on the same port and data directory.
-    async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         self.stop();
         self.launch().await;
     }
@@ -134,12 +134,12 @@ impl Drop for RedisServer {
 }
 
 /// A PostgreSQL database of the test's own.
-struct PgDb {
-    name: String,
+pub(crate) struct PgDb {
+    pub(crate) name: String,
 }
 
 impl PgDb {
-    async fn create() -> PgDb {
+    pub(crate) async fn create() -> PgDb {
         let name = format!("sg_test_{}", uuid::Uuid::now_v7().simple());
         let admin = sqlx::PgPool::connect(PG_ADMIN_URL)
             .await
@@ -152,19 +152,19 @@ impl PgDb {
         PgDb { name }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         self.url_via("127.0.0.1:5432")
     }
 
-    fn url_via(&self, addr: &str) -> String {
+    pub(crate) fn url_via(&self, addr: &str) -> String {
         format!("postgres://postgres@{addr}/{}", self.name)
     }
 
-    async fn pool(&self) -> sqlx::PgPool {
+    pub(crate) async fn pool(&self) -> sqlx::PgPool {
         sqlx::PgPool::connect(&self.url()).await.expect("connect")
     }
 
-    async fn drop_db(self) {
+    pub(crate) async fn drop_db(self) {
         if let Ok(admin) = sqlx::PgPool::connect(PG_ADMIN_URL).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -179,16 +179,22 @@ impl PgDb {
 
 /// A TCP forwarder in front of PostgreSQL that the test can cut and
 /// restore, and slow down.
-struct TcpForwarder {
-    addr: SocketAddr,
+pub(crate) struct TcpForwarder {
+    pub(crate) addr: SocketAddr,
     target: SocketAddr,
     delay: Duration,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl TcpForwarder {
-    async fn start(target: &str, delay: Duration) -> TcpForwarder {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    pub(crate) async fn start(target: &str, delay: Duration) -> TcpForwarder {
+        Self::start_on("127.0.0.1:0", target, delay).await
+    }
+
+    /// A forwarder listening on `listen` (a port a gateway already points
+    /// at, where nothing listened until now).
+    pub(crate) async fn start_on(listen: &str, target: &str, delay: Duration) -> TcpForwarder {
+        let listener = TcpListener::bind(listen).await.expect("bind");
         let forwarder = TcpForwarder {
             addr: listener.local_addr().expect("addr"),
             target: target.parse().expect("target address"),
@@ -218,14 +224,14 @@ impl TcpForwarder {
     }
 
     /// Refuses new connections and drops every open one.
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         for task in self.tasks.lock().unwrap().drain(..) {
             task.abort();
         }
     }
 
     /// Accepts again on the same address.
-    async fn restore(&self) {
+    pub(crate) async fn restore(&self) {
         let deadline = Instant::now() + Duration::from_secs(5);
         let listener = loop {
             match TcpListener::bind(self.addr).await {
@@ -271,12 +277,12 @@ async fn pump(
 // Gateways and stores on those servers.
 // ---------------------------------------------------------------------------
 
-fn prefix() -> String {
+pub(crate) fn prefix() -> String {
     format!("sgtest-{}:", uuid::Uuid::now_v7().simple())
 }
 
 /// The harness's standard spec with `[store]` / `[session]` keys added.
-fn config(upstream: &TestUpstream, database_url: &str, store: &str, session: &str) -> Config {
+pub(crate) fn config(upstream: &TestUpstream, database_url: &str, store: &str, session: &str) -> Config {
     let text = GatewaySpec::standard(&upstream.url())
         .cookie_secure(false)
         .to_toml(database_url, "127.0.0.1:0", "127.0.0.1:0")
@@ -285,13 +291,13 @@ fn config(upstream: &TestUpstream, database_url: &str, store: &str, session: &st
     Config::from_toml_str(&text).unwrap_or_else(|e| panic!("config rejected: {e}\n{text}"))
 }
 
-struct Gw {
-    running: Option<RunningGateway>,
-    client: reqwest::Client,
+pub(crate) struct Gw {
+    pub(crate) running: Option<RunningGateway>,
+    pub(crate) client: reqwest::Client,
 }
 
 impl Gw {
-    async fn start(config: Config) -> Gw {
+    pub(crate) async fn start(config: Config) -> Gw {
         let running = server::start(config)
             .await
             .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
@@ -301,15 +307,15 @@ impl Gw {
         }
     }
 
-    fn running(&self) -> &RunningGateway {
+    pub(crate) fn running(&self) -> &RunningGateway {
         self.running.as_ref().expect("running")
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.running().addr(), path)
     }
 
-    fn admin_url(&self, path: &str) -> String {
+    pub(crate) fn admin_url(&self, path: &str) -> String {
         format!(
             "http://{}{}",
             self.running().admin_addr().expect("admin"),
@@ -317,7 +323,7 @@ impl Gw {
         )
     }
 
-    async fn login_response(&self, user: &str) -> reqwest::Response {
+    pub(crate) async fn login_response(&self, user: &str) -> reqwest::Response {
         self.client
             .get(self.url(&format!("/public/login?user={user}")))
             .send()
@@ -325,7 +331,7 @@ impl Gw {
             .expect("login request")
     }
 
-    async fn login(&self, user: &str) -> String {
+    pub(crate) async fn login(&self, user: &str) -> String {
         let resp = self.login_response(user).await;
         assert_eq!(resp.status(), 200, "login");
         harness::set_cookie(resp.headers(), COOKIE)
@@ -333,7 +339,7 @@ impl Gw {
             .value
     }
 
-    async fn status(&self, path: &str, token: &str) -> u16 {
+    pub(crate) async fn status(&self, path: &str, token: &str) -> u16 {
         self.client
             .get(self.url(path))
             .header("cookie", harness::cookie(token))
@@ -344,11 +350,11 @@ impl Gw {
             .as_u16()
     }
 
-    async fn logout(&self, token: &str) -> u16 {
+    pub(crate) async fn logout(&self, token: &str) -> u16 {
         self.status("/logout?scope=current", token).await
     }
 
-    async fn readyz(&self) -> (u16, Value) {
+    pub(crate) async fn readyz(&self) -> (u16, Value) {
         let resp = self
             .client
             .get(self.admin_url("/readyz"))
@@ -359,7 +365,7 @@ impl Gw {
         (status, resp.json().await.expect("readyz JSON"))
     }
 
-    async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         self.client
             .get(self.admin_url("/metrics"))
             .send()
@@ -370,7 +376,7 @@ impl Gw {
             .expect("metrics text")
     }
 
-    async fn wait_ready(&self, within: Duration) {
+    pub(crate) async fn wait_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
             let (status, body) = self.readyz().await;
@@ -382,7 +388,7 @@ impl Gw {
         }
     }
 
-    async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
@@ -390,7 +396,7 @@ impl Gw {
 }
 
 /// The value of a counter line in Prometheus text, 0 if absent.
-fn counter(metrics: &str, line_prefix: &str) -> f64 {
+pub(crate) fn counter(metrics: &str, line_prefix: &str) -> f64 {
     metrics
         .lines()
         .find(|l| l.starts_with(line_prefix))
@@ -399,7 +405,7 @@ fn counter(metrics: &str, line_prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn pg_tier(url: &str) -> PostgresTier {
+pub(crate) async fn pg_tier(url: &str) -> PostgresTier {
     let tier = PostgresTier::connect(
         url,
         &PoolSettings {
@@ -415,11 +421,11 @@ async fn pg_tier(url: &str) -> PostgresTier {
     tier
 }
 
-fn redis_tier(url: &str, prefix: &str) -> RedisTier {
+pub(crate) fn redis_tier(url: &str, prefix: &str) -> RedisTier {
     RedisTier::connect(url, prefix, Duration::from_millis(500)).expect("redis tier")
 }
 
-async fn redis_keys(url: &str, prefix: &str) -> Vec<(String, Vec<u8>)> {
+pub(crate) async fn redis_keys(url: &str, prefix: &str) -> Vec<(String, Vec<u8>)> {
     let mut conn = redis::Client::open(url)
         .unwrap()
         .get_multiplexed_async_connection()
@@ -773,7 +779,7 @@ async fn postgres_unreachable_reads_work_and_creates_get_503() {
 
 /// Runs `sql` on the admin connection (statements a test database cannot
 /// run on itself, like `ALTER DATABASE`).
-async fn pg_admin(sql: String) {
+pub(crate) async fn pg_admin(sql: String) {
     let admin = sqlx::PgPool::connect(PG_ADMIN_URL)
         .await
         .expect("admin connection");
@@ -1139,12 +1145,12 @@ async fn another_instance_sees_a_revocation_within_its_local_cache_lifetime() {
 // ---------------------------------------------------------------------------
 
 /// Config `[store]` keys: Redis at `url` under `prefix`, with a local cache.
-fn cached_store(url: &str, prefix: &str, ttl_ms: u64) -> String {
+pub(crate) fn cached_store(url: &str, prefix: &str, ttl_ms: u64) -> String {
     format!("redis_url = {url:?}\nredis_prefix = {prefix:?}\nlocal_cache_ttl_ms = {ttl_ms}")
 }
 
 /// A session made through the admin API: its token and id.
-async fn admin_create(gw: &Gw, user: &str) -> (String, String) {
+pub(crate) async fn admin_create(gw: &Gw, user: &str) -> (String, String) {
     let resp = gw
         .client
         .post(gw.admin_url("/v1/sessions"))
@@ -1161,7 +1167,7 @@ async fn admin_create(gw: &Gw, user: &str) -> (String, String) {
     )
 }
 
-async fn admin_delete(gw: &Gw, path: &str) -> reqwest::Response {
+pub(crate) async fn admin_delete(gw: &Gw, path: &str) -> reqwest::Response {
     gw.client
         .delete(gw.admin_url(path))
         .bearer_auth(ADMIN_TOKEN)
@@ -1172,7 +1178,7 @@ async fn admin_delete(gw: &Gw, path: &str) -> reqwest::Response {
 
 /// Waits (up to 10 s) until the gateway's invalidation subscription is up
 /// (or down).
-async fn wait_subscribed(gw: &Gw, up: bool) {
+pub(crate) async fn wait_subscribed(gw: &Gw, up: bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let metrics = gw.metrics().await;
@@ -1207,7 +1213,7 @@ async fn time_to_401(gw: &Gw, token: &str, within: Duration) -> Duration {
     }
 }
 
-fn token_hash(token: &str) -> Vec<u8> {
+pub(crate) fn token_hash(token: &str) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(URL_SAFE_NO_PAD.decode(token).unwrap()).to_vec()
 }

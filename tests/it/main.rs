@@ -6,6 +6,7 @@ mod backend_tls;
 mod config_cli;
 mod harness;
 mod hybrid;
+mod instances;
 mod policies;
 mod proxy;
 mod sec_forwarded;
