@@ -282,7 +282,12 @@ pub(crate) fn prefix() -> String {
 }
 
 /// The harness's standard spec with `[store]` / `[session]` keys added.
-pub(crate) fn config(upstream: &TestUpstream, database_url: &str, store: &str, session: &str) -> Config {
+pub(crate) fn config(
+    upstream: &TestUpstream,
+    database_url: &str,
+    store: &str,
+    session: &str,
+) -> Config {
     let text = GatewaySpec::standard(&upstream.url())
         .cookie_secure(false)
         .to_toml(database_url, "127.0.0.1:0", "127.0.0.1:0")
