@@ -71,6 +71,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -96,6 +101,11 @@ pub struct Metrics {
     pub durable_queries: Counter,
     pub activity_flushed: Counter,
     pub fast_deletes_deferred: Counter,
+    /// Recoveries of the fast tier by what they wrote into it: `full` (the
+    /// whole revocation log), `own` (only this instance's failed writes,
+    /// after a transient error), `skipped` (another instance replayed the
+    /// log into the same server).
+    pub fast_tier_replays: Family<KindLabels, Counter>,
     pub policy_calls: Family<PolicyCallLabels, Counter>,
     pub policy_failures: Family<PolicyFailureLabels, Counter>,
     pub policy_reloads: Family<ResultLabels, Counter>,
@@ -171,6 +181,12 @@ impl Metrics {
             "fast_revocations_deferred",
             "Revocations the fast tier could not take at once (replayed when it recovers)",
             fast_deletes_deferred.clone(),
+        );
+        let fast_tier_replays = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "fast_tier_replays",
+            "Fast-tier recoveries by what they wrote into it: full (the whole revocation log), own (this instance's failed writes, after a transient error), skipped (another instance replayed the log into the same server)",
+            fast_tier_replays.clone(),
         );
         registry.register(
             "requests",
@@ -257,6 +273,7 @@ impl Metrics {
             durable_queries,
             activity_flushed,
             fast_deletes_deferred,
+            fast_tier_replays,
             policy_calls,
             policy_failures,
             policy_reloads,
@@ -278,6 +295,12 @@ impl Metrics {
     pub fn tls_reload(&self, outcome: &'static str) {
         self.tls_reloads
             .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn fast_tier_replay(&self, kind: &'static str) {
+        self.fast_tier_replays
+            .get_or_create(&KindLabels { kind })
             .inc();
     }
 

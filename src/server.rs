@@ -75,6 +75,17 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Opens the durable tier named by the config: SQLite or PostgreSQL.
 pub async fn open_durable(config: &Config) -> Result<Arc<dyn DurableTier>, StartError> {
+    match open_durable_or_defer(config).await? {
+        (tier, None) => Ok(tier),
+        (_, Some(e)) => Err(store_error("durable (postgres)", config, e)),
+    }
+}
+
+/// [`open_durable`], except that a PostgreSQL nothing answers for comes
+/// back as a tier that connects when it does, with the error.
+async fn open_durable_or_defer(
+    config: &Config,
+) -> Result<(Arc<dyn DurableTier>, Option<StoreError>), StartError> {
     let url = &config.store.database_url;
     let store = &config.store;
     if url.starts_with("postgres") {
@@ -84,15 +95,16 @@ pub async fn open_durable(config: &Config) -> Result<Arc<dyn DurableTier>, Start
             acquire_timeout: store.connect_timeout,
             idle_timeout: Duration::from_secs(300),
         };
-        let tier = PostgresTier::connect_with_ca(url, &settings, store.database_ca_file.as_deref())
-            .await
-            .map_err(|e| store_error("durable (postgres)", config, e))?;
-        Ok(Arc::new(tier))
+        let (tier, unreachable) =
+            PostgresTier::connect_or_defer(url, &settings, store.database_ca_file.as_deref())
+                .await
+                .map_err(|e| store_error("durable (postgres)", config, e))?;
+        Ok((Arc::new(tier), unreachable))
     } else {
         let tier = SqliteTier::connect(url, store.max_connections)
             .await
             .map_err(|e| store_error("durable (sqlite)", config, e))?;
-        Ok(Arc::new(tier))
+        Ok((Arc::new(tier), None))
     }
 }
 
@@ -150,13 +162,42 @@ pub async fn open_store(
     config: &Config,
     metrics: Arc<Metrics>,
 ) -> Result<SessionStore, StartError> {
-    let durable = open_durable(config).await?;
-    if config.store.migrate {
-        durable
-            .migrate()
-            .await
-            .map_err(|e| store_error("durable", config, e))?;
-    }
+    let durable = match open_durable_or_defer(config).await? {
+        (durable, None) => {
+            if config.store.migrate {
+                durable
+                    .migrate()
+                    .await
+                    .map_err(|e| store_error("durable", config, e))?;
+            }
+            durable
+        }
+        (_, Some(e)) if config.session.token_secret.is_none() => {
+            return Err(StartError::Store {
+                tier: "durable (postgres)",
+                address: config.redacted_database_url(),
+                reason: format!(
+                    "{e}; the token MAC key is kept in the database, so the gateway cannot \
+                     start without it: set session.token_secret (for example from \
+                     SESSIONGATE_SESSION__TOKEN_SECRET, the same on every instance) to start \
+                     while PostgreSQL is unreachable"
+                ),
+            });
+        }
+        (durable, Some(e)) => {
+            // The degraded mode of a PostgreSQL lost while running:
+            // sessions in the fast tier are served, creates and
+            // revocations get 503, and the pool connects once it answers.
+            tracing::warn!(error = %e,
+                "PostgreSQL is unreachable at start; serving sessions from the fast tier, \
+                 creates and revocations get 503 until it answers");
+            if config.store.migrate {
+                Arc::new(crate::store::deferred::MigrateFirst::new(durable))
+            } else {
+                durable
+            }
+        }
+    };
     let fast = open_fast(config, &metrics)?;
     let options = StoreOptions {
         negative_cache_capacity: config.store.negative_cache_capacity,
@@ -174,7 +215,8 @@ pub async fn open_store(
         if !store.recover_fast().await {
             tracing::warn!(
                 address = %redact_url(url),
-                "Redis is unreachable at start; serving from the durable tier until it answers"
+                "Redis is not trusted yet (unreachable, or the revocation log could not be \
+                 replayed into it); serving from the durable tier until it is"
             );
         }
     }

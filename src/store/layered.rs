@@ -420,6 +420,18 @@ impl FastTier for LayeredTier {
     async fn instance_id(&self) -> StoreResult<Option<String>> {
         self.remote.instance_id().await
     }
+
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
+        self.remote.claim(name, owner, ttl).await
+    }
+
+    async fn mark(&self, name: &str, ttl: Duration) -> StoreResult<()> {
+        self.remote.mark(name, ttl).await
+    }
+
+    async fn marked(&self, name: &str) -> StoreResult<bool> {
+        self.remote.marked(name).await
+    }
 }
 
 #[cfg(test)]

@@ -40,20 +40,47 @@
 //! waits out a Redis timeout more than once per retry interval) and are
 //! answered by the durable tier; logins and revocations keep working. Every
 //! revocation is logged in the durable tier (`revocations`, kept until the
-//! revoked session would have expired) before the fast tier is told. The
-//! maintenance loop ([`SessionStore::maintain`]) pings an untrusted fast
-//! tier every `store.redis_retry_ms`; when it answers, the whole log is
-//! replayed into it, and only then is it trusted again. So a Redis that
-//! comes back — even one restarted from an append-only file holding
-//! sessions revoked meanwhile, or one that lost a tombstone in its fsync
-//! window — never serves a revoked session. The loop also watches Redis's
-//! `run_id`, so a restart that no request noticed is treated the same way,
-//! and a gateway starts with its Redis untrusted until the log is replayed.
+//! revoked session would have expired) before the fast tier is told, and
+//! the fast tier is told even while untrusted (another instance may trust
+//! it), with one retry. The maintenance loop ([`SessionStore::recover_fast`],
+//! every `store.redis_retry_ms`) pings an untrusted fast tier and, when it
+//! answers, pays what it is owed before trusting it again — no more than
+//! the event calls for, since every instance sharing the fast tier recovers
+//! from the same event:
 //!
-//! One window remains: under a partial partition where instance A cannot
-//! reach Redis but instance B can, B may serve a session A revoked until A
-//! can reach Redis again and replays its record. Sessions created meanwhile
-//! are durable and restored on first lookup: nothing is lost.
+//! * **a transient error** (a broken connection, a timeout; the server's
+//!   fingerprint, Redis's `run_id`, unchanged): the server lost nothing,
+//!   so only the revocations whose write failed *here* are written (a
+//!   bounded list; past 10,000 the whole log is replayed).
+//! * **the server changed** (a restart, a failover: the fingerprint
+//!   differs, whether or not a request noticed): it may hold old data —
+//!   restarted from an append-only file with sessions revoked meanwhile,
+//!   or missing tombstones lost in its fsync window. The whole log is
+//!   replayed once for all instances: the first to claim
+//!   `<prefix>replay:<fingerprint>` replays it, then sets
+//!   `<prefix>replayed:<fingerprint>`; the others stay untrusted until
+//!   that mark is set (then write only their own failed writes), or
+//!   replay themselves if it does not come within 30 s. No
+//!   instance trusts the new server before the whole log is in it.
+//! * **process start**: the whole log, always. It covers an instance that
+//!   crashed between a revocation's durable write and its fast-tier write
+//!   (a revocation the others could serve until then).
+//!
+//! A replay deletes the logged keys without announcing them to the other
+//! instances' local caches ([`layered`]) and drops this instance's local
+//! cache once. The announcements are not needed: a revocation written to
+//! Redis was announced when made; one whose write failed is announced when
+//! its instance writes it at recovery; and a copy another instance holds
+//! of a session whose announcement was lost (its subscription down: it
+//! drops its whole cache on resubscribing; the publish failed; the
+//! revoking instance crashed) lives at most `store.local_cache_ttl_ms`.
+//!
+//! Two windows remain, both needing Redis itself unreachable: under a
+//! partial partition where instance A cannot reach Redis but instance B
+//! can, B may serve a session A revoked until A can reach Redis again
+//! (and writes it); and if A crashes before that, until some instance
+//! starts (its full replay) or the server changes. Sessions created
+//! meanwhile are durable and restored on first lookup: nothing is lost.
 //!
 //! # When the durable tier fails
 //!
@@ -67,6 +94,7 @@
 //! no `sqlx` or `redis` type leaves its module.
 
 pub mod codec;
+pub(crate) mod deferred;
 pub mod layered;
 pub mod memory;
 pub mod postgres;
@@ -77,7 +105,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -147,6 +175,23 @@ pub trait FastTier: Send + Sync + 'static {
     /// `run_id`), if there is one.
     async fn instance_id(&self) -> StoreResult<Option<String>> {
         Ok(None)
+    }
+    /// Sets the small record `name` to `owner` for `ttl` unless it exists
+    /// (Redis: `SET <prefix><name> <owner> NX PX <ttl>`); true if this call
+    /// set it. The instances sharing the tier elect with it the one that
+    /// replays the revocation log for all. A tier no other instance shares
+    /// elects every caller.
+    async fn claim(&self, _name: &str, _owner: &str, _ttl: Duration) -> StoreResult<bool> {
+        Ok(true)
+    }
+    /// Sets the record `name` for `ttl`.
+    async fn mark(&self, _name: &str, _ttl: Duration) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Whether the record `name` exists. A tier without shared records
+    /// says no: every instance then does the work itself.
+    async fn marked(&self, _name: &str) -> StoreResult<bool> {
+        Ok(false)
     }
 }
 
@@ -337,9 +382,15 @@ struct Inner {
     durable: Arc<dyn DurableTier>,
     metrics: Arc<Metrics>,
     options: StoreOptions,
-    /// False from a fast-tier error until the recorded revocations are replayed.
+    /// False from a fast-tier error until what it is owed is paid.
     fast_trusted: AtomicBool,
-    fast_instance: Mutex<Option<String>>,
+    /// Fast-tier failures so far: a recovery during which one happened
+    /// does not trust the fast tier.
+    fast_failures: AtomicU64,
+    recovery: Mutex<Recovery>,
+    recovering: tokio::sync::Mutex<()>,
+    /// This instance's name in the replay election.
+    owner: String,
     negative: moka::sync::Cache<TokenHash, ()>,
     inflight: Mutex<HashMap<TokenHash, DurableLookup>>,
     /// Activity not yet written to the durable tier.
@@ -354,6 +405,125 @@ pub struct SessionStore {
 
 /// How many pending revocations are replayed per round trip.
 const REPLAY_BATCH: u32 = 1_000;
+/// How long the instance elected to replay the log into a changed server
+/// holds the election, and how long the others wait for its `replayed`
+/// mark before replaying themselves (a replay of a million revocations
+/// takes about a second).
+const REPLAY_LEASE: Duration = Duration::from_secs(30);
+/// How long a server's `replayed` mark is kept: past it, an instance
+/// that notices the server change late replays once more (harmless).
+const REPLAYED_MARKER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Revocations whose fast-tier write failed, remembered for the next
+/// recovery; beyond it, the next recovery replays the whole log.
+const UNSENT_CAPACITY: usize = 10_000;
+
+/// What the fast tier is owed before this instance trusts it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owed {
+    /// The revocations whose fast-tier write failed here: after a
+    /// transient error (a broken connection, a timeout) the server kept
+    /// everything else.
+    Own,
+    /// The server changed (a restart, a failover): the whole log, replayed
+    /// by one instance for all (the election of [`FastTier::claim`]); the
+    /// others wait up to `wait_until` for its mark.
+    Shared {
+        fingerprint: String,
+        wait_until: Option<tokio::time::Instant>,
+    },
+    /// At process start: the whole log (it covers the revocations of an
+    /// instance that crashed before writing them to the fast tier), or,
+    /// while the durable tier is unreachable, another instance's replay
+    /// into the same server.
+    Start,
+    /// The whole log, by this instance.
+    Full,
+}
+
+impl Owed {
+    /// What a larger debt covers.
+    fn rank(&self) -> u8 {
+        match self {
+            Owed::Own => 0,
+            Owed::Shared { .. } => 1,
+            Owed::Start => 2,
+            Owed::Full => 3,
+        }
+    }
+}
+
+/// The fast tier's recovery state.
+#[derive(Default)]
+struct Recovery {
+    /// The server as last seen ([`FastTier::instance_id`]).
+    fingerprint: Option<String>,
+    owed: Option<Owed>,
+    /// Trusted at start on another instance's replay while the durable
+    /// tier was unreachable: this instance's own replay is due.
+    replay_due: bool,
+    /// Revocations (key, expiry) whose fast-tier write failed here.
+    unsent: HashMap<TokenHash, i64>,
+    unsent_overflowed: bool,
+}
+
+impl Recovery {
+    fn owe(&mut self, owed: Owed) {
+        match &self.owed {
+            Some(current) if current.rank() > owed.rank() => {}
+            _ => self.owed = Some(owed),
+        }
+    }
+
+    fn unsent(&mut self, entries: &[(TokenHash, i64)]) {
+        for (key, expires) in entries {
+            self.unsent.insert(*key, *expires);
+        }
+        if self.unsent.len() > UNSENT_CAPACITY {
+            // The whole log covers them all; the memory is not kept.
+            self.unsent = HashMap::new();
+            self.unsent_overflowed = true;
+        }
+    }
+}
+
+/// How a recovery went.
+enum Recovered {
+    /// Waiting for the instance elected to replay the log.
+    Waiting,
+    Own,
+    Full,
+    /// Another instance replayed the log into this server.
+    Skipped,
+}
+
+impl Recovered {
+    /// The `kind` label of `sessiongate_fast_tier_replays_total`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Recovered::Waiting => "waiting",
+            Recovered::Own => "own",
+            Recovered::Full => "full",
+            Recovered::Skipped => "skipped",
+        }
+    }
+}
+
+/// Why a recovery did not finish.
+enum Failed {
+    Fast(StoreError),
+    Durable(StoreError),
+    /// The fast tier's server changed during the recovery.
+    Changed,
+}
+
+/// The name of a shared record about one fast-tier server: a short hash
+/// of its fingerprint (a cluster's spans every primary).
+fn marker(what: &str, fingerprint: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(fingerprint.as_bytes());
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{what}:{hex}")
+}
 /// Attempts to write a revocation to the fast tier before it is left to
 /// the next replay, and the pause between them (each attempt is bounded by
 /// the tier's own timeout, `store.redis_timeout_ms`).
@@ -389,7 +559,10 @@ impl SessionStore {
                 metrics,
                 options,
                 fast_trusted: AtomicBool::new(true),
-                fast_instance: Mutex::new(None),
+                fast_failures: AtomicU64::new(0),
+                recovery: Mutex::new(Recovery::default()),
+                recovering: tokio::sync::Mutex::new(()),
+                owner: Uuid::now_v7().to_string(),
                 negative,
                 inflight: Mutex::new(HashMap::new()),
                 activity: Mutex::new(PendingActivity::default()),
@@ -416,6 +589,7 @@ impl SessionStore {
 
     fn fast_failed(&self, what: &str, e: &StoreError) {
         self.inner.metrics.lookup("fast", "error");
+        self.inner.fast_failures.fetch_add(1, Ordering::AcqRel);
         if self.inner.fast_trusted.swap(false, Ordering::AcqRel) {
             tracing::warn!(error = %e, operation = what,
                 "fast tier failed; serving from the durable tier until it recovers");
@@ -669,6 +843,13 @@ impl SessionStore {
                 Err(e) => last_error = Some(e),
             }
         }
+        // Remembered before the fast tier is marked failed, so that a
+        // recovery that sees the failure also sees what it owes.
+        inner
+            .recovery
+            .lock()
+            .expect("recovery lock")
+            .unsent(&entries);
         if let Some(e) = last_error {
             self.fast_failed("revoke", &e);
         }
@@ -775,57 +956,287 @@ impl SessionStore {
         ]
     }
 
-    /// Brings an untrusted fast tier back: replays every recorded
-    /// revocation into it, then trusts it. Also notices a restart of the
-    /// fast tier's server. Returns whether the fast tier is trusted.
+    /// Brings an untrusted fast tier back, paying what it is owed first
+    /// (see the module docs), and notices a change of the fast tier's server
+    /// (`instance_id`: a restart, a failover). Returns whether the fast
+    /// tier is trusted. Called by the maintenance loop every
+    /// `store.redis_retry_ms`.
     pub async fn recover_fast(&self) -> bool {
         let inner = &self.inner;
-        let trusted = self.fast_trusted();
-        let instance = match inner.fast.instance_id().await {
+        // One recovery at a time per instance (the loop, and a test or the
+        // start calling it directly).
+        let _one = inner.recovering.lock().await;
+        let failures = inner.fast_failures.load(Ordering::Acquire);
+        let fingerprint = match inner.fast.instance_id().await {
             Ok(id) => id,
             Err(e) => {
-                if trusted {
+                if self.fast_trusted() {
                     self.fast_failed("health check", &e);
                 }
                 return false;
             }
         };
-        let restarted = {
-            let mut known = inner.fast_instance.lock().expect("instance lock");
-            let restarted = matches!((&*known, &instance), (Some(a), Some(b)) if a != b);
-            *known = instance;
-            restarted
+        let (owed, replay_due) = {
+            let mut state = inner.recovery.lock().expect("recovery lock");
+            if state.fingerprint != fingerprint {
+                if let (Some(_), Some(new)) = (&state.fingerprint, &fingerprint) {
+                    tracing::warn!(
+                        "the fast tier's server changed (a restart or a failover); \
+                         distrusting it until the revocation log is replayed into it"
+                    );
+                    state.owe(Owed::Shared {
+                        fingerprint: new.clone(),
+                        wait_until: None,
+                    });
+                }
+                state.fingerprint = fingerprint.clone();
+            }
+            if state.owed.is_none() && !self.fast_trusted() {
+                // A transient error: the server kept its data.
+                state.owe(Owed::Own);
+            }
+            if state.owed == Some(Owed::Own) && (fingerprint.is_none() || state.unsent_overflowed) {
+                // No way to tell whether the server kept its data, or more
+                // failed writes than were remembered.
+                state.owed = Some(Owed::Full);
+            }
+            (state.owed.clone(), state.replay_due)
         };
-        if trusted && !restarted {
+        let Some(owed) = owed else {
+            if replay_due {
+                self.replay_while_trusted(fingerprint.as_deref()).await;
+            }
             return true;
-        }
-        if restarted {
-            inner.fast_trusted.store(false, Ordering::Release);
-            tracing::warn!("the fast tier's server restarted; replaying revocations before use");
-        }
-        match self.replay_pending().await {
-            Ok(n) => {
-                // The replay announced nothing: this instance's copies go
-                // at once, before anything is read from the fast tier.
+        };
+        inner.fast_trusted.store(false, Ordering::Release);
+        let fp = fingerprint.as_deref();
+        let paying = owed.clone();
+        let outcome = match owed {
+            Owed::Own => self
+                .write_unsent()
+                .await
+                .map(|_| Recovered::Own)
+                .map_err(Failed::Fast),
+            Owed::Full => self.replay_all(fp).await,
+            Owed::Start => match self.replay_all(fp).await {
+                Err(Failed::Durable(e)) => self.trust_anothers_replay(fp, e).await,
+                other => other,
+            },
+            Owed::Shared {
+                fingerprint,
+                wait_until,
+            } => self.replay_once_for_all(&fingerprint, wait_until).await,
+        };
+        match outcome {
+            Ok(Recovered::Waiting) => false,
+            Ok(done) => {
+                if inner.fast_failures.load(Ordering::Acquire) != failures {
+                    // The fast tier failed meanwhile (a revocation's write,
+                    // perhaps): what failed is owed on top of what was just
+                    // paid; the next round pays it.
+                    let mut state = inner.recovery.lock().expect("recovery lock");
+                    if state.fingerprint.as_deref() == fp && state.owed.as_ref() == Some(&paying) {
+                        state.owed = Some(Owed::Own);
+                    }
+                    return false;
+                }
+                {
+                    let mut state = inner.recovery.lock().expect("recovery lock");
+                    if state.fingerprint.as_deref() != fp {
+                        return false;
+                    }
+                    state.owed = None;
+                }
+                // Whatever this instance's local cache read before is
+                // dropped once, before anything is read from the fast tier.
                 inner.fast.drop_local();
                 inner.fast_trusted.store(true, Ordering::Release);
-                tracing::info!(replayed = n, "fast tier trusted again");
+                let kind = done.kind();
+                inner.metrics.fast_tier_replay(kind);
+                tracing::info!(recovery = kind, "fast tier trusted again");
                 true
             }
-            Err(e) => {
+            Err(Failed::Changed) => false,
+            Err(Failed::Fast(e) | Failed::Durable(e)) => {
                 tracing::warn!(error = %e, "fast tier recovery failed; will retry");
                 false
             }
         }
     }
 
-    async fn replay_pending(&self) -> StoreResult<usize> {
+    /// The whole log by this instance, then what failed here; marks the
+    /// server `replayed` for the other instances.
+    async fn replay_all(&self, fingerprint: Option<&str>) -> Result<Recovered, Failed> {
+        let inner = &self.inner;
+        inner
+            .recovery
+            .lock()
+            .expect("recovery lock")
+            .unsent_overflowed = false;
+        let replayed = self.replay_pending().await?;
+        // Their keys were just deleted; the tombstones are written (and
+        // announced: those announcements were never made) as well.
+        self.write_unsent().await.map_err(Failed::Fast)?;
+        if let Some(fp) = fingerprint {
+            self.same_server(fp).await?;
+            inner
+                .fast
+                .mark(&marker("replayed", fp), REPLAYED_MARKER_TTL)
+                .await
+                .map_err(Failed::Fast)?;
+        }
+        tracing::info!(replayed, "revocation log replayed into the fast tier");
+        Ok(Recovered::Full)
+    }
+
+    /// A changed server: the first instance to claim it replays the log
+    /// for all; the others wait (bounded) for its `replayed` mark, then
+    /// write only what failed here.
+    async fn replay_once_for_all(
+        &self,
+        fingerprint: &str,
+        wait_until: Option<tokio::time::Instant>,
+    ) -> Result<Recovered, Failed> {
+        let fast = &self.inner.fast;
+        if fast
+            .marked(&marker("replayed", fingerprint))
+            .await
+            .map_err(Failed::Fast)?
+        {
+            self.write_unsent().await.map_err(Failed::Fast)?;
+            return Ok(Recovered::Skipped);
+        }
+        if fast
+            .claim(
+                &marker("replay", fingerprint),
+                &self.inner.owner,
+                REPLAY_LEASE,
+            )
+            .await
+            .map_err(Failed::Fast)?
+        {
+            return self.replay_all(Some(fingerprint)).await;
+        }
+        let now = tokio::time::Instant::now();
+        let wait_until = wait_until.unwrap_or(now + REPLAY_LEASE);
+        if now >= wait_until {
+            tracing::warn!(
+                "no other instance finished replaying the revocation log into the fast \
+                 tier's new server in time; replaying it here"
+            );
+            return self.replay_all(Some(fingerprint)).await;
+        }
+        let mut state = self.inner.recovery.lock().expect("recovery lock");
+        if let Some(Owed::Shared {
+            fingerprint: owed,
+            wait_until: until,
+        }) = &mut state.owed
+            && owed == fingerprint
+        {
+            *until = Some(wait_until);
+        }
+        Ok(Recovered::Waiting)
+    }
+
+    /// At start with the durable tier unreachable, the log cannot be read:
+    /// the fast tier is trusted if another instance has replayed the log
+    /// into this very server (its `replayed` mark), so that sessions keep
+    /// being served; this instance's own replay is then due as soon as the
+    /// durable tier answers. Without the mark, the fast tier may hold
+    /// sessions revoked before it restarted: it stays untrusted.
+    async fn trust_anothers_replay(
+        &self,
+        fingerprint: Option<&str>,
+        durable: StoreError,
+    ) -> Result<Recovered, Failed> {
+        let Some(fp) = fingerprint else {
+            return Err(Failed::Durable(durable));
+        };
+        if !self
+            .inner
+            .fast
+            .marked(&marker("replayed", fp))
+            .await
+            .map_err(Failed::Fast)?
+        {
+            return Err(Failed::Durable(durable));
+        }
+        tracing::warn!(error = %durable,
+            "the durable tier is unreachable; trusting the fast tier on another instance's \
+             replay of the revocation log until it answers");
+        self.inner
+            .recovery
+            .lock()
+            .expect("recovery lock")
+            .replay_due = true;
+        Ok(Recovered::Skipped)
+    }
+
+    /// The replay owed since a start without the durable tier, while the
+    /// fast tier is trusted: nothing is distrusted meanwhile.
+    async fn replay_while_trusted(&self, fingerprint: Option<&str>) {
+        match self.replay_all(fingerprint).await {
+            Ok(_) => {
+                self.inner
+                    .recovery
+                    .lock()
+                    .expect("recovery lock")
+                    .replay_due = false;
+                self.inner.fast.drop_local();
+                self.inner.metrics.fast_tier_replay("full");
+            }
+            Err(Failed::Fast(e)) => self.fast_failed("replay", &e),
+            Err(Failed::Durable(e)) => {
+                tracing::debug!(error = %e, "revocation log replay still waiting for the durable tier");
+            }
+            Err(Failed::Changed) => {}
+        }
+    }
+
+    /// Fails with [`Failed::Changed`] unless the fast tier's server is
+    /// still `fingerprint`.
+    async fn same_server(&self, fingerprint: &str) -> Result<(), Failed> {
+        let now = self.inner.fast.instance_id().await.map_err(Failed::Fast)?;
+        if now.as_deref() == Some(fingerprint) {
+            Ok(())
+        } else {
+            Err(Failed::Changed)
+        }
+    }
+
+    /// Writes the revocations whose fast-tier write failed here (announced
+    /// to the other instances' local caches, which never heard of them).
+    async fn write_unsent(&self) -> StoreResult<usize> {
+        let now = now_ms();
+        let batch: Vec<(TokenHash, i64)> = {
+            let mut state = self.inner.recovery.lock().expect("recovery lock");
+            state.unsent.retain(|_, expires| *expires > now);
+            state.unsent.iter().map(|(k, e)| (*k, *e)).collect()
+        };
+        for chunk in batch.chunks(REPLAY_BATCH as usize) {
+            self.inner.fast.revoke(chunk).await?;
+            let mut state = self.inner.recovery.lock().expect("recovery lock");
+            for (key, expires) in chunk {
+                if state.unsent.get(key) == Some(expires) {
+                    state.unsent.remove(key);
+                }
+            }
+        }
+        Ok(batch.len())
+    }
+
+    /// Every logged revocation, deleted from the fast tier.
+    async fn replay_pending(&self) -> Result<usize, Failed> {
         let inner = &self.inner;
         let now = now_ms();
         let mut total = 0;
         let mut after = None;
         loop {
-            let keys = inner.durable.revocations(after, now, REPLAY_BATCH).await?;
+            let keys = inner
+                .durable
+                .revocations(after, now, REPLAY_BATCH)
+                .await
+                .map_err(Failed::Durable)?;
             let Some(last) = keys.last().copied() else {
                 return Ok(total);
             };
@@ -833,17 +1244,23 @@ impl SessionStore {
             // sessions, so nothing can restore them. Not announced to the
             // other instances' local caches: N instances replaying the
             // whole log would make N² deliveries, for keys whose
-            // revocations were announced when made (see `recover_fast`).
-            inner.fast.forget(&keys).await?;
+            // revocations were announced when made (see the module docs).
+            inner.fast.forget(&keys).await.map_err(Failed::Fast)?;
             total += keys.len();
             after = Some(last);
         }
     }
 
     /// Marks the fast tier untrusted until [`SessionStore::recover_fast`]
-    /// has replayed the revocation log into it: for a fast tier that may
-    /// hold data from before this process started.
+    /// has replayed the whole revocation log into it: for a fast tier that
+    /// may hold data from before this process started (it covers the
+    /// revocations of an instance that crashed before its fast-tier write).
     pub fn distrust_fast(&self) {
+        self.inner
+            .recovery
+            .lock()
+            .expect("recovery lock")
+            .owe(Owed::Start);
         self.inner.fast_trusted.store(false, Ordering::Release);
     }
 

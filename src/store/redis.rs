@@ -319,6 +319,42 @@ impl FastTier for RedisTier {
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(|s| s.trim().to_string()))
     }
+
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("{}{name}", self.prefix))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))?;
+        Ok(set.is_some())
+    }
+
+    async fn mark(&self, name: &str, ttl: Duration) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{}{name}", self.prefix))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| unavailable(&self.address, e))
+    }
+
+    async fn marked(&self, name: &str) -> StoreResult<bool> {
+        let mut conn = self.conn.clone();
+        redis::cmd("EXISTS")
+            .arg(format!("{}{name}", self.prefix))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(|n| n > 0)
+            .map_err(|e| unavailable(&self.address, e))
+    }
 }
 
 #[async_trait]
