@@ -206,6 +206,7 @@ pub async fn open_store(
         activity_flush_interval: config.store.activity_flush,
         activity_buffer_capacity: config.store.activity_buffer_capacity,
         final_flush_timeout: config.server.shutdown_grace,
+        ..StoreOptions::default()
     };
     let store = SessionStore::with_options(fast, durable, metrics, options);
     if let Some(url) = &config.store.redis_url {

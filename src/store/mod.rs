@@ -251,6 +251,11 @@ pub struct StoreOptions {
     pub activity_buffer_capacity: usize,
     /// How long the last activity flush at shutdown may take.
     pub final_flush_timeout: Duration,
+    /// How long the instance elected to replay the revocation log into a
+    /// changed fast-tier server holds the election, and how long the
+    /// others wait for its `replayed` mark before replaying themselves (a
+    /// replay of a million revocations takes about a second).
+    pub replay_lease: Duration,
 }
 
 impl Default for StoreOptions {
@@ -262,6 +267,7 @@ impl Default for StoreOptions {
             activity_flush_interval: Duration::from_secs(1),
             activity_buffer_capacity: 100_000,
             final_flush_timeout: Duration::from_secs(30),
+            replay_lease: Duration::from_secs(30),
         }
     }
 }
@@ -405,11 +411,6 @@ pub struct SessionStore {
 
 /// How many pending revocations are replayed per round trip.
 const REPLAY_BATCH: u32 = 1_000;
-/// How long the instance elected to replay the log into a changed server
-/// holds the election, and how long the others wait for its `replayed`
-/// mark before replaying themselves (a replay of a million revocations
-/// takes about a second).
-const REPLAY_LEASE: Duration = Duration::from_secs(30);
 /// How long a server's `replayed` mark is kept: past it, an instance
 /// that notices the server change late replays once more (harmless).
 const REPLAYED_MARKER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -426,7 +427,8 @@ enum Owed {
     Own,
     /// The server changed (a restart, a failover): the whole log, replayed
     /// by one instance for all (the election of [`FastTier::claim`]); the
-    /// others wait up to `wait_until` for its mark.
+    /// others wait up to `wait_until` for its mark
+    /// ([`StoreOptions::replay_lease`]).
     Shared {
         fingerprint: String,
         wait_until: Option<tokio::time::Instant>,
@@ -589,8 +591,9 @@ impl SessionStore {
 
     fn fast_failed(&self, what: &str, e: &StoreError) {
         self.inner.metrics.lookup("fast", "error");
-        self.inner.fast_failures.fetch_add(1, Ordering::AcqRel);
-        if self.inner.fast_trusted.swap(false, Ordering::AcqRel) {
+        // Counted before the swap (both SeqCst): see `recover_fast`.
+        self.inner.fast_failures.fetch_add(1, Ordering::SeqCst);
+        if self.inner.fast_trusted.swap(false, Ordering::SeqCst) {
             tracing::warn!(error = %e, operation = what,
                 "fast tier failed; serving from the durable tier until it recovers");
         }
@@ -966,7 +969,7 @@ impl SessionStore {
         // One recovery at a time per instance (the loop, and a test or the
         // start calling it directly).
         let _one = inner.recovering.lock().await;
-        let failures = inner.fast_failures.load(Ordering::Acquire);
+        let failures = inner.fast_failures.load(Ordering::SeqCst);
         let fingerprint = match inner.fast.instance_id().await {
             Ok(id) => id,
             Err(e) => {
@@ -1030,7 +1033,7 @@ impl SessionStore {
         match outcome {
             Ok(Recovered::Waiting) => false,
             Ok(done) => {
-                if inner.fast_failures.load(Ordering::Acquire) != failures {
+                if inner.fast_failures.load(Ordering::SeqCst) != failures {
                     // The fast tier failed meanwhile (a revocation's write,
                     // perhaps): what failed is owed on top of what was just
                     // paid; the next round pays it.
@@ -1050,7 +1053,14 @@ impl SessionStore {
                 // Whatever this instance's local cache read before is
                 // dropped once, before anything is read from the fast tier.
                 inner.fast.drop_local();
-                inner.fast_trusted.store(true, Ordering::Release);
+                inner.fast_trusted.store(true, Ordering::SeqCst);
+                // A failure between the check above and the store: either
+                // its `fast_failed` comes after the store (and distrusts
+                // again), or its count is seen here.
+                if inner.fast_failures.load(Ordering::SeqCst) != failures {
+                    inner.fast_trusted.store(false, Ordering::SeqCst);
+                    return false;
+                }
                 let kind = done.kind();
                 inner.metrics.fast_tier_replay(kind);
                 tracing::info!(recovery = kind, "fast tier trusted again");
@@ -1110,7 +1120,7 @@ impl SessionStore {
             .claim(
                 &marker("replay", fingerprint),
                 &self.inner.owner,
-                REPLAY_LEASE,
+                self.inner.options.replay_lease,
             )
             .await
             .map_err(Failed::Fast)?
@@ -1118,7 +1128,7 @@ impl SessionStore {
             return self.replay_all(Some(fingerprint)).await;
         }
         let now = tokio::time::Instant::now();
-        let wait_until = wait_until.unwrap_or(now + REPLAY_LEASE);
+        let wait_until = wait_until.unwrap_or(now + self.inner.options.replay_lease);
         if now >= wait_until {
             tracing::warn!(
                 "no other instance finished replaying the revocation log into the fast \
@@ -1301,5 +1311,173 @@ impl SessionStore {
             }
         }
         self.final_flush().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory::MemoryTier;
+    use super::sqlite::SqliteTier;
+    use super::*;
+
+    /// A fast tier on the in-process one whose server fingerprint, and the
+    /// answers of the replay election, the test decides.
+    struct Shared {
+        tier: MemoryTier,
+        fingerprint: Mutex<String>,
+        claims: AtomicBool,
+        marked: AtomicBool,
+        forgotten: AtomicU64,
+    }
+
+    #[async_trait]
+    impl FastTier for Shared {
+        fn kind(&self) -> &'static str {
+            "shared"
+        }
+        async fn get(&self, key: &TokenHash) -> StoreResult<Cached> {
+            self.tier.get(key).await
+        }
+        async fn put(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
+            self.tier.put(key, session).await
+        }
+        async fn restore(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
+            self.tier.restore(key, session).await
+        }
+        async fn refresh(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
+            self.tier.refresh(key, session).await
+        }
+        async fn revoke(&self, entries: &[(TokenHash, i64)]) -> StoreResult<()> {
+            self.tier.revoke(entries).await
+        }
+        async fn remove(&self, keys: &[TokenHash]) -> StoreResult<()> {
+            self.tier.remove(keys).await
+        }
+        async fn forget(&self, keys: &[TokenHash]) -> StoreResult<()> {
+            self.forgotten
+                .fetch_add(keys.len() as u64, Ordering::SeqCst);
+            self.tier.remove(keys).await
+        }
+        async fn ping(&self) -> StoreResult<()> {
+            Ok(())
+        }
+        async fn instance_id(&self) -> StoreResult<Option<String>> {
+            Ok(Some(self.fingerprint.lock().unwrap().clone()))
+        }
+        async fn claim(&self, _: &str, _: &str, _: Duration) -> StoreResult<bool> {
+            Ok(self.claims.load(Ordering::SeqCst))
+        }
+        async fn marked(&self, _: &str) -> StoreResult<bool> {
+            Ok(self.marked.load(Ordering::SeqCst))
+        }
+    }
+
+    async fn store(lease: Duration) -> (SessionStore, Arc<Shared>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let durable = SqliteTier::connect(&url, 1).await.unwrap();
+        durable.migrate().await.unwrap();
+        let fast = Arc::new(Shared {
+            tier: MemoryTier::new(100),
+            fingerprint: Mutex::new("first".into()),
+            claims: AtomicBool::new(true),
+            marked: AtomicBool::new(false),
+            forgotten: AtomicU64::new(0),
+        });
+        let options = StoreOptions {
+            replay_lease: lease,
+            ..StoreOptions::default()
+        };
+        let store = SessionStore::with_options(
+            fast.clone(),
+            Arc::new(durable),
+            Arc::new(Metrics::new()),
+            options,
+        );
+        store.distrust_fast();
+        assert!(store.recover_fast().await);
+        (store, fast, dir)
+    }
+
+    fn replays(store: &SessionStore, kind: &'static str) -> u64 {
+        store
+            .metrics()
+            .fast_tier_replays
+            .get_or_create(&crate::metrics::KindLabels { kind })
+            .get()
+    }
+
+    async fn revoked_session(store: &SessionStore) -> TokenHash {
+        let key = TokenHash([7; 32]);
+        let session = Session::new("alice".into(), Default::default(), Duration::from_secs(60));
+        store.create(&key, session).await.unwrap();
+        assert!(store.revoke(&key).await.unwrap());
+        key
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_loses_the_election_waits_for_the_mark_then_skips() {
+        let (store, fast, _dir) = store(Duration::from_secs(600)).await;
+        revoked_session(&store).await;
+        assert_eq!(replays(&store, "full"), 1, "the start");
+        let forgotten = fast.forgotten.load(Ordering::SeqCst);
+
+        *fast.fingerprint.lock().unwrap() = "second".into();
+        fast.claims.store(false, Ordering::SeqCst);
+        assert!(!store.recover_fast().await, "waits for the winner");
+        assert!(!store.fast_trusted());
+        assert!(!store.recover_fast().await, "still waiting");
+        fast.marked.store(true, Ordering::SeqCst);
+        assert!(store.recover_fast().await);
+        assert_eq!(replays(&store, "skipped"), 1);
+        assert_eq!(replays(&store, "full"), 1, "did not replay the log itself");
+        assert_eq!(fast.forgotten.load(Ordering::SeqCst), forgotten);
+    }
+
+    #[tokio::test]
+    async fn an_instance_replays_itself_when_the_winner_never_marks() {
+        let (store, fast, _dir) = store(Duration::from_millis(100)).await;
+        revoked_session(&store).await;
+        let forgotten = fast.forgotten.load(Ordering::SeqCst);
+
+        *fast.fingerprint.lock().unwrap() = "second".into();
+        fast.claims.store(false, Ordering::SeqCst);
+        assert!(!store.recover_fast().await, "waits for the winner");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !store.recover_fast().await {
+            assert!(std::time::Instant::now() < deadline, "never replayed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(replays(&store, "full"), 2, "the start and the fallback");
+        assert_eq!(fast.forgotten.load(Ordering::SeqCst), forgotten + 1);
+    }
+
+    #[tokio::test]
+    async fn too_many_failed_writes_make_the_next_recovery_a_full_replay() {
+        let (store, _fast, _dir) = store(Duration::from_secs(600)).await;
+        let entries: Vec<(TokenHash, i64)> = (0..=UNSENT_CAPACITY as u32)
+            .map(|i| {
+                let mut key = [0u8; 32];
+                key[..4].copy_from_slice(&i.to_be_bytes());
+                (TokenHash(key), now_ms() + 60_000)
+            })
+            .collect();
+        {
+            let mut state = store.inner.recovery.lock().unwrap();
+            state.unsent(&entries);
+            assert!(state.unsent_overflowed);
+            assert!(state.unsent.is_empty(), "the memory is given back");
+        }
+        store.fast_failed(
+            "test",
+            &StoreError::Unavailable {
+                tier: "test",
+                message: "x".into(),
+            },
+        );
+        assert!(store.recover_fast().await);
+        assert_eq!(replays(&store, "full"), 2);
+        assert_eq!(replays(&store, "own"), 0);
+        assert!(!store.inner.recovery.lock().unwrap().unsent_overflowed);
     }
 }
