@@ -170,6 +170,7 @@ struct RawStore {
     #[serde(flatten)]
     unknown: BTreeMap<String, figment::value::Value>,
     redis_url: Option<String>,
+    redis_cluster_urls: Option<Vec<String>>,
     database_url: Option<String>,
     local_cache_ttl_ms: Option<u64>,
     migrate: Option<bool>,
@@ -403,6 +404,9 @@ impl fmt::Debug for AdminConfig {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub redis_url: Option<String>,
+    /// The seed nodes of a Redis Cluster (instead of `redis_url`); empty
+    /// when not a cluster.
+    pub redis_cluster_urls: Vec<String>,
     pub database_url: String,
     pub local_cache_ttl: Duration,
     pub migrate: bool,
@@ -760,13 +764,18 @@ impl Config {
         {
             v.problem("store.redis_url", "must start with redis:// or rediss://");
         }
+        redis_cluster_urls(&mut v, &raw.store);
         let redis_tls = redis_tls_files(&mut v, &raw.store, base);
         let database_ca_file = database_ca_file(&mut v, &raw.store, &database_url, base);
         let local_cache_ttl_ms = raw.store.local_cache_ttl_ms.unwrap_or(0);
-        if local_cache_ttl_ms > 0 && raw.store.redis_url.is_none() {
+        if local_cache_ttl_ms > 0
+            && raw.store.redis_url.is_none()
+            && raw.store.redis_cluster_urls.is_none()
+        {
             v.problem(
                 "store.local_cache_ttl_ms",
-                "only applies in front of Redis (store.redis_url); leave it 0 otherwise",
+                "only applies in front of Redis (store.redis_url or store.redis_cluster_urls); \
+                 leave it 0 otherwise",
             );
         }
         let default_pool = if database_url.starts_with("postgres") {
@@ -776,6 +785,7 @@ impl Config {
         };
         let store = StoreConfig {
             redis_url: raw.store.redis_url,
+            redis_cluster_urls: raw.store.redis_cluster_urls.unwrap_or_default(),
             database_url,
             local_cache_ttl: Duration::from_millis(local_cache_ttl_ms),
             migrate: raw.store.migrate.unwrap_or(true),
@@ -1132,6 +1142,24 @@ impl Config {
     }
 }
 
+impl StoreConfig {
+    /// The Redis of the fast tier, its password(s) replaced (the seeds of
+    /// a cluster, comma-separated); none for the in-process tier.
+    pub fn redacted_redis(&self) -> Option<String> {
+        match &self.redis_url {
+            Some(url) => Some(redact_url(url)),
+            None if self.redis_cluster_urls.is_empty() => None,
+            None => Some(
+                self.redis_cluster_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        }
+    }
+}
+
 /// Replaces the password in `scheme://user:password@host/...`.
 pub fn redact_url(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://")
@@ -1155,6 +1183,44 @@ struct RedisTlsFiles {
     client_key_file: Option<PathBuf>,
 }
 
+/// `store.redis_cluster_urls`: not with `store.redis_url`, at least one
+/// seed, every one a `redis://` or every one a `rediss://` URL.
+fn redis_cluster_urls(v: &mut Validator, store: &RawStore) {
+    const KEY: &str = "store.redis_cluster_urls";
+    let Some(urls) = &store.redis_cluster_urls else {
+        return;
+    };
+    if store.redis_url.is_some() {
+        v.problem(
+            KEY,
+            "store.redis_url and store.redis_cluster_urls are mutually exclusive: set \
+             store.redis_url for one Redis server, or store.redis_cluster_urls for the seed \
+             nodes of a Redis Cluster",
+        );
+    }
+    if urls.is_empty() {
+        v.problem(
+            KEY,
+            "must name at least one seed node of the cluster, e.g. [\"redis://10.0.0.1:6379\"]",
+        );
+    }
+    for url in urls {
+        if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            v.problem(
+                KEY,
+                format!("{} must start with redis:// or rediss://", redact_url(url)),
+            );
+        }
+    }
+    let tls = |url: &String| url.starts_with("rediss://");
+    if urls.iter().any(tls) && !urls.iter().all(tls) {
+        v.problem(
+            KEY,
+            "mixes rediss:// and redis:// seeds: every node of a cluster is reached the same way",
+        );
+    }
+}
+
 /// `store.redis_ca_file` and the client certificate: only with a
 /// `rediss://` URL, readable, and the certificate with its key.
 fn redis_tls_files(v: &mut Validator, store: &RawStore, base: &Path) -> RedisTlsFiles {
@@ -1163,18 +1229,24 @@ fn redis_tls_files(v: &mut Validator, store: &RawStore, base: &Path) -> RedisTls
         client_cert_file: tls_path(base, &store.redis_client_cert_file),
         client_key_file: tls_path(base, &store.redis_client_key_file),
     };
-    let url = store.redis_url.as_deref().unwrap_or("");
-    if let Some((_, fragment)) = url.split_once('#')
-        && fragment == "insecure"
-    {
+    let cluster = store.redis_cluster_urls.as_deref().unwrap_or_default();
+    let (url_key, urls) = match &store.redis_url {
+        Some(url) => ("store.redis_url", std::slice::from_ref(url)),
+        None => ("store.redis_cluster_urls", cluster),
+    };
+    if urls.iter().any(|url| {
+        url.split_once('#')
+            .is_some_and(|(_, fragment)| fragment == "insecure")
+    }) {
         // The redis crate would skip verifying the server's certificate:
         // anyone on the path could then read and forge sessions.
         v.problem(
-            "store.redis_url",
+            url_key,
             "the #insecure fragment turns off certificate verification, which the gateway \
              does not allow; trust a private CA with store.redis_ca_file instead",
         );
     }
+    let url = urls.first().map_or("", String::as_str);
     let any = files.ca_file.is_some()
         || files.client_cert_file.is_some()
         || files.client_key_file.is_some();
@@ -1193,7 +1265,7 @@ fn redis_tls_files(v: &mut Validator, store: &RawStore, base: &Path) -> RedisTls
             if set {
                 v.problem(
                     key,
-                    "applies only to Redis over TLS: store.redis_url must start with rediss://",
+                    format!("applies only to Redis over TLS: {url_key} must start with rediss://"),
                 );
             }
         }

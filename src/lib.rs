@@ -20,7 +20,7 @@
 //! | [`headers`] | header constants, hop-by-hop removal, cookie and bearer parsing |
 //! | [`token`] | token issue and verification (CSPRNG + MAC), the stored hash |
 //! | [`session`] | the session record, its limits and the clock |
-//! | [`store`] | the fast/durable tier traits, their backends (memory, Redis, SQLite, PostgreSQL) and the hybrid composition |
+//! | [`store`] | the fast/durable tier traits, their backends (memory, Redis or Redis Cluster, SQLite, PostgreSQL) and the hybrid composition |
 //! | [`policy`] | WebAssembly policy plugins: the wasmtime host, the chain, hot swap |
 //! | [`tools`] | operator tools (`sessiongate plugin try`) |
 //! | [`admin`] | the admin API, `/healthz`, `/readyz`, `/metrics` |

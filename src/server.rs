@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::admin::Admin;
 use crate::body::Body;
-use crate::config::{Config, ServerConfig, redact_url};
+use crate::config::{Config, ServerConfig};
 use crate::forwarded::Edge;
 use crate::limits::{ClientCounts, ConnBudget, ConnState};
 use crate::metrics::Metrics;
@@ -112,7 +112,7 @@ async fn open_durable_or_defer(
 /// in-process cache) or the in-process tier.
 pub fn open_fast(config: &Config, metrics: &Metrics) -> Result<Arc<dyn FastTier>, StartError> {
     let store = &config.store;
-    let Some(url) = &store.redis_url else {
+    let Some(address) = store.redacted_redis() else {
         return Ok(Arc::new(MemoryTier::new(store.memory_capacity)));
     };
     let tls = RedisTls {
@@ -120,12 +120,16 @@ pub fn open_fast(config: &Config, metrics: &Metrics) -> Result<Arc<dyn FastTier>
         client_cert_file: store.redis_client_cert_file.clone(),
         client_key_file: store.redis_client_key_file.clone(),
     };
-    let redis = RedisTier::connect_tls(url, &store.redis_prefix, store.redis_timeout, &tls)
-        .map_err(|e| StartError::Store {
-            tier: "fast (redis)",
-            address: redact_url(url),
-            reason: e.to_string(),
-        })?;
+    let (prefix, timeout) = (&store.redis_prefix, store.redis_timeout);
+    let redis = match &store.redis_url {
+        Some(url) => RedisTier::connect_tls(url, prefix, timeout, &tls),
+        None => RedisTier::connect_cluster(&store.redis_cluster_urls, prefix, timeout, &tls),
+    }
+    .map_err(|e| StartError::Store {
+        tier: "fast (redis)",
+        address,
+        reason: e.to_string(),
+    })?;
     let redis = Arc::new(redis);
     if store.local_cache_ttl.is_zero() {
         Ok(redis)
@@ -209,13 +213,13 @@ pub async fn open_store(
         ..StoreOptions::default()
     };
     let store = SessionStore::with_options(fast, durable, metrics, options);
-    if let Some(url) = &config.store.redis_url {
+    if let Some(address) = config.store.redacted_redis() {
         // Redis may hold data from before this process: trust it only once
         // the revocation log has been replayed into it.
         store.distrust_fast();
         if !store.recover_fast().await {
             tracing::warn!(
-                address = %redact_url(url),
+                address = %address,
                 "Redis is not trusted yet (unreachable, or the revocation log could not be \
                  replayed into it); serving from the durable tier until it is"
             );

@@ -1,4 +1,4 @@
-//! The Redis fast tier.
+//! The Redis fast tier: one Redis server, or a Redis Cluster.
 //!
 //! One key per session, `<prefix>s:<hex of the token hash>`, holding the
 //! compact encoding of [`super::codec`], with the Redis expiry set to the
@@ -8,29 +8,59 @@
 //! script that writes only over a live session) racing with the
 //! revocation cannot bring it back, and every instance reading the key
 //! learns of the revocation without asking the durable tier. Every command
-//! on the request path touches exactly one key; the connection manager
-//! multiplexes all requests over one connection (pipelining them) and
-//! reconnects by itself.
+//! on the request path touches exactly one key, so no key needs a hash tag
+//! in a cluster; every command is bounded by `store.redis_timeout_ms`,
+//! whatever the client's own retries and redirections.
+//!
+//! One server (`store.redis_url`): the connection manager multiplexes all
+//! requests over one connection (pipelining them) and reconnects by
+//! itself. A cluster (`store.redis_cluster_urls`, the seed nodes): the
+//! cluster client keeps a connection per node, follows `MOVED`/`ASK`, and
+//! learns the new topology after a failover or a reshard. The commands are
+//! the same in both; only these differ:
+//!
+//! * revocations and removals are sent in batches of one hash slot each
+//!   (a multi-key command or a pipeline across slots is refused), several
+//!   batches at a time;
+//! * the restart fingerprint ([`FastTier::instance_id`]) is taken over
+//!   every primary: a failover that promotes a replica (which may have
+//!   missed the last tombstones, replication being asynchronous) changes
+//!   it, and the hybrid store replays the revocation log;
+//! * a publication goes to any node (classic pub/sub reaches the
+//!   subscribers of every node; sharded pub/sub is not used: a slot
+//!   migration drops its subscribers).
 //!
 //! It is also the [`InvalidationBus`] of the in-process cache in front of
 //! it ([`super::layered`]): messages are published on the channel
-//! `<prefix>invalidate` over the same connection, and each subscriber
-//! holds one dedicated pub/sub connection, pinged every
-//! [`SUBSCRIPTION_PING`] so that a connection that died silently (a
-//! partition) is noticed and replaced.
+//! `<prefix>invalidate`, and each subscriber holds one dedicated pub/sub
+//! connection to one node (the server, or each seed in turn). A
+//! subscription proves itself end to end: every [`HEARTBEAT_INTERVAL`] it
+//! publishes a heartbeat carrying its own random nonce on the channel
+//! `<prefix>invalidate:heartbeat` and expects it back within
+//! [`HEARTBEAT_INTERVAL`] twice (or twice the Redis timeout if longer), so
+//! a connection that died silently (a partition), a node that was lost or
+//! a cluster bus that stopped carrying messages is noticed, and the
+//! layered tier drops its cache and subscribes again (elsewhere). The
+//! heartbeats have their own channel so that an instance of an older
+//! version, which reads every message on `<prefix>invalidate` as a batch
+//! of hashes, never sees one.
 //!
-//! With a `rediss://` URL both the command connection and every pub/sub
+//! With `rediss://` URLs both the command connections and every pub/sub
 //! connection go over TLS (rustls), verifying the server's certificate
 //! and name against [`RedisTls::ca_file`] or the system roots, and
 //! presenting the client certificate when one is configured.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo, Slot};
 
 use super::layered::{InvalidationBus, InvalidationFeed};
 use super::{Cached, FastTier, StoreError, StoreResult, codec};
@@ -41,8 +71,16 @@ use crate::token::TokenHash;
 const TIER: &str = "redis";
 /// The value of a revoked session's key; session records start with 1.
 const TOMBSTONE: &[u8] = &[0];
-/// How often a subscription's connection is checked.
-pub const SUBSCRIPTION_PING: Duration = Duration::from_secs(1);
+/// How often a subscription publishes its heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Most keys in one revocation or removal batch.
+const BATCH: usize = 500;
+/// Batches of one revocation in flight at once (a cluster has a batch per
+/// hash slot: a user's sessions are spread over many).
+const BATCHES_IN_FLIGHT: usize = 16;
+/// Attempts at a publication, each on a node picked at random in a
+/// cluster (one may be down); within one Redis timeout in all.
+const PUBLISH_ATTEMPTS: usize = 2;
 
 /// Overwrites a key only while it holds a live session record.
 const REFRESH_SCRIPT: &str = r"
@@ -54,14 +92,119 @@ end
 return 0
 ";
 
+/// The command connection.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Runs commands on the command connection, each bounded by the timeout.
+/// Cheap to clone: the subscriptions hold one to publish their heartbeats.
+#[derive(Clone)]
+struct Commands {
+    conn: Connection,
+    address: String,
+    timeout: Duration,
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer within store.redis_timeout_ms",
+    ))
+}
+
+impl Commands {
+    /// One command, routed by its key (a keyless one: anywhere).
+    async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut conn = self.conn.clone();
+        tokio::time::timeout(self.timeout, cmd.query_async(&mut conn))
+            .await
+            .unwrap_or_else(|_| Err(timed_out()))
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> StoreResult<T> {
+        self.run(cmd)
+            .await
+            .map_err(|e| unavailable(&self.address, e))
+    }
+
+    /// A pipeline whose keys are all in one hash slot.
+    async fn pipeline(&self, pipe: &redis::Pipeline) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn))
+            .await
+            .unwrap_or_else(|_| Err(timed_out()))
+            .map_err(|e| unavailable(&self.address, e))
+    }
+
+    /// `PUBLISH`: on any node of a cluster (classic pub/sub reaches the
+    /// subscribers of every node), another one if the first fails.
+    async fn publish(&self, channel: &str, payload: &[u8]) -> StoreResult<()> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(payload);
+        let Connection::Cluster(conn) = &self.conn else {
+            return self.query::<i64>(&cmd).await.map(drop);
+        };
+        let attempts = async {
+            let mut last = None;
+            for _ in 0..PUBLISH_ATTEMPTS {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+                match conn.clone().route_command(cmd.clone(), routing).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(timed_out))
+        };
+        tokio::time::timeout(self.timeout, attempts)
+            .await
+            .unwrap_or_else(|_| Err(timed_out()))
+            .map_err(|e| unavailable(&self.address, e))
+    }
+}
+
 pub struct RedisTier {
-    client: redis::Client,
-    conn: ConnectionManager,
+    commands: Commands,
+    /// Where a subscription is made: the server, or each seed in turn.
+    nodes: Vec<redis::Client>,
+    next_node: AtomicUsize,
     refresh: redis::Script,
     prefix: String,
     channel: String,
-    address: String,
-    timeout: Duration,
+    heartbeat_channel: String,
 }
 
 fn unavailable(address: &str, e: redis::RedisError) -> StoreError {
@@ -123,22 +266,7 @@ impl RedisTier {
         tls: &RedisTls,
     ) -> StoreResult<RedisTier> {
         let address = redact_url(url);
-        let invalid = |message: String| StoreError::Unavailable {
-            tier: TIER,
-            message: format!("{address}: {message}"),
-        };
-        if url.starts_with("rediss://") {
-            // The redis crate builds its rustls configuration with the
-            // process's default provider: make it ring, the only one built.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = if tls.is_empty() {
-            redis::Client::open(url)
-        } else {
-            let certificates = tls.certificates().map_err(invalid)?;
-            redis::Client::build_with_tls(url, certificates)
-        }
-        .map_err(|e| invalid(e.to_string()))?;
+        let client = node_client(url, tls).map_err(|m| invalid(&address, m))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -148,20 +276,94 @@ impl RedisTier {
             .set_max_delay(timeout);
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| unavailable(&address, e))?;
-        Ok(RedisTier {
-            client,
-            conn,
+        Ok(Self::new(
+            Connection::Single(conn),
+            vec![client],
+            address,
+            prefix,
+            timeout,
+        ))
+    }
+
+    /// A Redis Cluster, found through its seed nodes (`redis://` or
+    /// `rediss://` alike, with the TLS files of [`RedisTls`]). Like
+    /// [`RedisTier::connect`], does not wait for the cluster.
+    pub fn connect_cluster(
+        seeds: &[String],
+        prefix: &str,
+        timeout: Duration,
+        tls: &RedisTls,
+    ) -> StoreResult<RedisTier> {
+        let address = seeds
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        if seeds.is_empty() {
+            return Err(invalid(&address, "no seed node".into()));
+        }
+        let nodes = seeds
+            .iter()
+            .map(|url| node_client(url, tls))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| invalid(&address, m))?;
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut builder =
+            redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                // Redirections (MOVED/ASK after a failover or a reshard) and
+                // reconnections are retried within one Redis timeout in all;
+                // beyond it the request is served from the durable tier.
+                .overall_response_timeout(Some(timeout))
+                .retries(3)
+                .min_retry_wait(1)
+                .max_retry_wait((timeout_ms / 4).max(1));
+        if !tls.is_empty() {
+            builder = builder.certs(tls.certificates().map_err(|m| invalid(&address, m))?);
+        }
+        let client = builder.build().map_err(|e| unavailable(&address, e))?;
+        let conn =
+            client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new());
+        Ok(Self::new(
+            Connection::Cluster(conn),
+            nodes,
+            address,
+            prefix,
+            timeout,
+        ))
+    }
+
+    fn new(
+        conn: Connection,
+        nodes: Vec<redis::Client>,
+        address: String,
+        prefix: &str,
+        timeout: Duration,
+    ) -> RedisTier {
+        RedisTier {
+            commands: Commands {
+                conn,
+                address,
+                timeout,
+            },
+            nodes,
+            next_node: AtomicUsize::new(0),
             refresh: redis::Script::new(REFRESH_SCRIPT),
             prefix: prefix.to_string(),
             channel: format!("{prefix}invalidate"),
-            address,
-            timeout,
-        })
+            heartbeat_channel: format!("{prefix}invalidate:heartbeat"),
+        }
     }
 
     /// The pub/sub channel of local-cache invalidations.
     pub fn invalidation_channel(&self) -> &str {
         &self.channel
+    }
+
+    /// The pub/sub channel of the subscriptions' heartbeats.
+    pub fn heartbeat_channel(&self) -> &str {
+        &self.heartbeat_channel
     }
 
     fn key(&self, hash: &TokenHash) -> String {
@@ -184,7 +386,6 @@ impl RedisTier {
         if !session.is_live(now_ms()) {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key(key))
             .arg(codec::encode(session))
@@ -193,9 +394,7 @@ impl RedisTier {
         if only_if_absent {
             cmd.arg("NX");
         }
-        cmd.query_async::<Option<String>>(&mut conn)
-            .await
-            .map_err(|e| unavailable(&self.address, e))?;
+        self.commands.query::<Option<String>>(&cmd).await?;
         Ok(())
     }
 
@@ -203,6 +402,133 @@ impl RedisTier {
     pub fn key_for(&self, hash: &TokenHash) -> String {
         self.key(hash)
     }
+
+    /// `items`' keys in batches of at most [`BATCH`], each within one hash
+    /// slot on a cluster.
+    fn batches<'a, T>(
+        &self,
+        items: &'a [T],
+        hash: impl Fn(&T) -> &TokenHash,
+    ) -> Vec<Vec<(String, &'a T)>> {
+        let keyed = items.iter().map(|item| (self.key(hash(item)), item));
+        let groups: Vec<Vec<(String, &T)>> = match &self.commands.conn {
+            Connection::Single(_) => vec![keyed.collect()],
+            Connection::Cluster(_) => {
+                let mut by_slot: HashMap<Slot, Vec<(String, &T)>> = HashMap::new();
+                for (key, item) in keyed {
+                    by_slot
+                        .entry(Slot::for_key(key.as_bytes()))
+                        .or_default()
+                        .push((key, item));
+                }
+                by_slot.into_values().collect()
+            }
+        };
+        let mut out = Vec::new();
+        for mut group in groups {
+            while group.len() > BATCH {
+                let rest = group.split_off(BATCH);
+                out.push(std::mem::replace(&mut group, rest));
+            }
+            if !group.is_empty() {
+                out.push(group);
+            }
+        }
+        out
+    }
+
+    /// Runs the pipelines, [`BATCHES_IN_FLIGHT`] at a time; the first
+    /// error fails the whole (every write here is safe to repeat).
+    async fn run_batches(&self, pipes: Vec<redis::Pipeline>) -> StoreResult<()> {
+        let mut results = futures_util::stream::iter(pipes)
+            .map(|pipe| async move { self.commands.pipeline(&pipe).await })
+            .buffer_unordered(BATCHES_IN_FLIGHT);
+        while let Some(result) = results.next().await {
+            result?;
+        }
+        Ok(())
+    }
+
+    /// The fingerprint of a cluster: every primary's `run_id` and role,
+    /// sorted. A promoted replica brings its own run_id; a former primary
+    /// the client still routes to reports its new role.
+    async fn cluster_fingerprint(&self, conn: &ClusterConnection) -> redis::RedisResult<String> {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server").arg("replication");
+        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        let answers = tokio::time::timeout(
+            self.commands.timeout,
+            conn.clone().route_command(cmd, routing),
+        )
+        .await
+        .unwrap_or_else(|_| Err(timed_out()))?;
+        let answers: BTreeMap<String, String> = redis::from_redis_value(answers)?;
+        let mut ids: Vec<String> = answers
+            .values()
+            .map(|info| {
+                let field = |name: &str| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map_or("", str::trim)
+                        .to_string()
+                };
+                format!("{}:{}", field("run_id:"), field("role:"))
+            })
+            .collect();
+        ids.sort();
+        Ok(ids.join(","))
+    }
+
+    /// A pub/sub connection to one node, subscribed to both channels;
+    /// the nodes are tried in turn, starting after the last one used.
+    async fn subscribe_somewhere(&self) -> StoreResult<redis::aio::PubSub> {
+        let n = self.nodes.len();
+        let first = self.next_node.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = None;
+        for i in 0..n {
+            let client = &self.nodes[(first + i) % n];
+            let subscribe = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub
+                    .subscribe(&[&self.channel, &self.heartbeat_channel])
+                    .await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            // The client's own connect has no deadline of ours.
+            match tokio::time::timeout(self.commands.timeout, subscribe).await {
+                Ok(Ok(pubsub)) => return Ok(pubsub),
+                Ok(Err(e)) => last_error = Some(e),
+                Err(_) => last_error = Some(timed_out()),
+            }
+        }
+        Err(unavailable(
+            &self.commands.address,
+            last_error.unwrap_or_else(timed_out),
+        ))
+    }
+}
+
+fn invalid(address: &str, message: String) -> StoreError {
+    StoreError::Unavailable {
+        tier: TIER,
+        message: format!("{address}: {message}"),
+    }
+}
+
+/// A client of one node (the pub/sub connections, and the standalone
+/// command connection).
+fn node_client(url: &str, tls: &RedisTls) -> Result<redis::Client, String> {
+    if url.starts_with("rediss://") {
+        // The redis crate builds its rustls configuration with the
+        // process's default provider: make it ring, the only one built.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    if tls.is_empty() {
+        redis::Client::open(url)
+    } else {
+        redis::Client::build_with_tls(url, tls.certificates()?)
+    }
+    .map_err(|e| e.to_string())
 }
 
 #[async_trait]
@@ -212,12 +538,10 @@ impl FastTier for RedisTier {
     }
 
     async fn get(&self, key: &TokenHash) -> StoreResult<Cached> {
-        let mut conn = self.conn.clone();
-        let value: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(self.key(key))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&self.address, e))?;
+        let value: Option<Vec<u8>> = self
+            .commands
+            .query(redis::cmd("GET").arg(self.key(key)))
+            .await?;
         match value {
             None => Ok(Cached::Miss),
             Some(bytes) if bytes == TOMBSTONE => Ok(Cached::Revoked),
@@ -245,75 +569,100 @@ impl FastTier for RedisTier {
         if !session.is_live(now_ms()) {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
-        self.refresh
-            .key(self.key(key))
-            .arg(codec::encode(&session))
-            .arg(session.expires_at)
-            .invoke_async::<i64>(&mut conn)
+        let key = self.key(key);
+        let record = codec::encode(&session);
+        // EVALSHA, and EVAL where the node does not know the script (a
+        // restarted or newly promoted node): both are routed by the one
+        // key, where `SCRIPT LOAD` would go to every node of a cluster.
+        let call = |command: &str, script: &str| {
+            let mut cmd = redis::cmd(command);
+            cmd.arg(script)
+                .arg(1)
+                .arg(&key)
+                .arg(&record)
+                .arg(session.expires_at);
+            cmd
+        };
+        let result = match self
+            .commands
+            .run::<i64>(&call("EVALSHA", self.refresh.get_hash()))
             .await
-            .map_err(|e| unavailable(&self.address, e))?;
+        {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.commands
+                    .run::<i64>(&call("EVAL", REFRESH_SCRIPT))
+                    .await
+            }
+            other => other,
+        };
+        result.map_err(|e| unavailable(&self.commands.address, e))?;
         Ok(())
     }
 
     async fn revoke(&self, entries: &[(TokenHash, i64)]) -> StoreResult<()> {
         let now = now_ms();
-        let mut conn = self.conn.clone();
-        for chunk in entries.chunks(500) {
-            let mut pipe = redis::pipe();
-            for (key, until) in chunk {
-                if *until > now {
-                    pipe.cmd("SET")
-                        .arg(self.key(key))
-                        .arg(TOMBSTONE)
-                        .arg("PXAT")
-                        .arg(*until)
-                        .ignore();
-                } else {
-                    pipe.cmd("DEL").arg(self.key(key)).ignore();
+        let pipes = self
+            .batches(entries, |(key, _)| key)
+            .into_iter()
+            .map(|batch| {
+                let mut pipe = redis::pipe();
+                for (key, (_, until)) in batch {
+                    if *until > now {
+                        pipe.cmd("SET")
+                            .arg(key)
+                            .arg(TOMBSTONE)
+                            .arg("PXAT")
+                            .arg(*until)
+                            .ignore();
+                    } else {
+                        pipe.cmd("DEL").arg(key).ignore();
+                    }
                 }
-            }
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| unavailable(&self.address, e))?;
-        }
-        Ok(())
+                pipe
+            })
+            .collect();
+        self.run_batches(pipes).await
     }
 
     async fn remove(&self, keys: &[TokenHash]) -> StoreResult<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
         // Bounded batches: a user with thousands of sessions does not
         // become one giant command.
-        for chunk in keys.chunks(500) {
-            let mut cmd = redis::cmd("DEL");
-            for key in chunk {
-                cmd.arg(self.key(key));
-            }
-            cmd.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| unavailable(&self.address, e))?;
-        }
-        Ok(())
+        let pipes = self
+            .batches(keys, |key| key)
+            .into_iter()
+            .map(|batch| {
+                let mut pipe = redis::pipe();
+                let del = pipe.cmd("DEL");
+                for (key, _) in batch {
+                    del.arg(key);
+                }
+                del.ignore();
+                pipe
+            })
+            .collect();
+        self.run_batches(pipes).await
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| unavailable(&self.address, e))
+        // On a cluster, every primary answers.
+        self.commands.query(&redis::cmd("PING")).await
     }
 
     async fn instance_id(&self) -> StoreResult<Option<String>> {
-        let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&self.address, e))?;
+        let info: String = match &self.commands.conn {
+            Connection::Single(_) => {
+                self.commands
+                    .query(redis::cmd("INFO").arg("server"))
+                    .await?
+            }
+            Connection::Cluster(conn) => {
+                return self
+                    .cluster_fingerprint(conn)
+                    .await
+                    .map(Some)
+                    .map_err(|e| unavailable(&self.commands.address, e));
+            }
+        };
         Ok(info
             .lines()
             .find_map(|l| l.strip_prefix("run_id:"))
@@ -321,80 +670,71 @@ impl FastTier for RedisTier {
     }
 
     async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
-        let mut conn = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(format!("{}{name}", self.prefix))
-            .arg(owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable(&self.address, e))?;
+        let set: Option<String> = self
+            .commands
+            .query(
+                redis::cmd("SET")
+                    .arg(format!("{}{name}", self.prefix))
+                    .arg(owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis() as u64),
+            )
+            .await?;
         Ok(set.is_some())
     }
 
     async fn mark(&self, name: &str, ttl: Duration) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
-        redis::cmd("SET")
-            .arg(format!("{}{name}", self.prefix))
-            .arg(1)
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async::<()>(&mut conn)
+        self.commands
+            .query(
+                redis::cmd("SET")
+                    .arg(format!("{}{name}", self.prefix))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ttl.as_millis() as u64),
+            )
             .await
-            .map_err(|e| unavailable(&self.address, e))
     }
 
     async fn marked(&self, name: &str) -> StoreResult<bool> {
-        let mut conn = self.conn.clone();
-        redis::cmd("EXISTS")
-            .arg(format!("{}{name}", self.prefix))
-            .query_async::<i64>(&mut conn)
-            .await
-            .map(|n| n > 0)
-            .map_err(|e| unavailable(&self.address, e))
+        let n: i64 = self
+            .commands
+            .query(redis::cmd("EXISTS").arg(format!("{}{name}", self.prefix)))
+            .await?;
+        Ok(n > 0)
     }
 }
 
 #[async_trait]
 impl InvalidationBus for RedisTier {
     async fn publish(&self, payload: Vec<u8>) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(payload)
-            .query_async::<i64>(&mut conn)
-            .await
-            .map_err(|e| unavailable(&self.address, e))?;
-        Ok(())
+        self.commands.publish(&self.channel, &payload).await
     }
 
     async fn subscribe(&self) -> StoreResult<Box<dyn InvalidationFeed>> {
-        let subscribe = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(&self.channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        // The client's own connect has no deadline of ours.
-        let pubsub = tokio::time::timeout(self.timeout, subscribe)
-            .await
-            .map_err(|_| lost(&self.address, "subscribing timed out"))?
-            .map_err(|e| unavailable(&self.address, e))?;
+        let pubsub = self.subscribe_somewhere().await?;
         let (sink, stream) = pubsub.split();
-        let mut ping = tokio::time::interval_at(
-            tokio::time::Instant::now() + SUBSCRIPTION_PING,
-            SUBSCRIPTION_PING,
-        );
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| invalid(&self.commands.address, e.to_string()))?;
+        let mut beat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Box::new(RedisFeed {
-            sink,
+            _sink: sink,
             stream,
-            ping,
-            timeout: self.timeout,
-            address: self.address.clone(),
+            commands: self.commands.clone(),
+            channel: self.channel.clone(),
+            heartbeat_channel: self.heartbeat_channel.clone(),
+            nonce: hex(&nonce),
+            sent: 0,
+            outstanding: BTreeMap::new(),
+            beat,
+            deadline: HEARTBEAT_INTERVAL.max(self.commands.timeout) * 2,
         }))
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn lost(address: &str, why: &str) -> StoreError {
@@ -407,34 +747,104 @@ fn lost(address: &str, why: &str) -> StoreError {
 /// One subscription on its own connection; dropping it closes the
 /// connection.
 struct RedisFeed {
-    sink: PubSubSink,
+    /// Kept so that the connection stays open.
+    _sink: PubSubSink,
     stream: PubSubStream,
-    ping: tokio::time::Interval,
-    timeout: Duration,
-    address: String,
+    commands: Commands,
+    channel: String,
+    heartbeat_channel: String,
+    /// This subscription's own, so that another instance's heartbeats
+    /// (which every instance receives) prove nothing here.
+    nonce: String,
+    sent: u64,
+    /// Heartbeats published and not yet back, by number, with when they
+    /// were published. At most `deadline / HEARTBEAT_INTERVAL + 1`.
+    outstanding: BTreeMap<u64, tokio::time::Instant>,
+    beat: tokio::time::Interval,
+    deadline: Duration,
+}
+
+impl RedisFeed {
+    fn heartbeat(&self, n: u64) -> String {
+        format!("{}:{n}", self.nonce)
+    }
+
+    /// A heartbeat came in: if it is one of ours, it is back.
+    fn heard(&mut self, payload: &[u8]) {
+        let ours = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|p| p.strip_prefix(self.nonce.as_str()))
+            .and_then(|p| p.strip_prefix(':'))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(n) = ours {
+            self.outstanding.remove(&n);
+        }
+    }
+
+    /// Publishes the next heartbeat.
+    async fn beat(&mut self) {
+        self.sent += 1;
+        let heartbeat = self.heartbeat(self.sent);
+        // A heartbeat that cannot be sent proves nothing either way; the
+        // command connection's trouble is the hybrid store's to handle,
+        // and an unproven subscription is dropped at the deadline.
+        if let Err(e) = self
+            .commands
+            .publish(&self.heartbeat_channel, heartbeat.as_bytes())
+            .await
+        {
+            tracing::debug!(error = %e, "could not publish a subscription heartbeat");
+        }
+        self.outstanding
+            .insert(self.sent, tokio::time::Instant::now());
+    }
 }
 
 #[async_trait]
 impl InvalidationFeed for RedisFeed {
     async fn next(&mut self) -> StoreResult<Vec<u8>> {
         loop {
+            let due = self
+                .outstanding
+                .first_key_value()
+                .map(|(_, sent_at)| *sent_at + self.deadline);
             tokio::select! {
                 message = self.stream.next() => {
-                    return match message {
-                        Some(message) => Ok(message.get_payload_bytes().to_vec()),
-                        None => Err(lost(&self.address, "the subscription's connection closed")),
+                    let Some(message) = message else {
+                        return Err(lost(&self.commands.address, "the subscription's connection closed"));
                     };
-                }
-                _ = self.ping.tick() => {
-                    // A connection cut without a reset delivers nothing and
-                    // reports nothing: only an unanswered ping tells.
-                    match tokio::time::timeout(self.timeout, self.sink.ping::<()>()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Err(unavailable(&self.address, e)),
-                        Err(_) => return Err(lost(&self.address, "the subscription's ping timed out")),
+                    let channel = message.get_channel_name();
+                    if channel == self.channel {
+                        return Ok(message.get_payload_bytes().to_vec());
                     }
+                    if channel == self.heartbeat_channel {
+                        // Never handed on: not a batch of hashes.
+                        self.heard(message.get_payload_bytes());
+                    }
+                }
+                _ = self.beat.tick() => self.beat().await,
+                // A connection cut without a reset delivers nothing and
+                // reports nothing; a node lost, or a cluster bus that no
+                // longer carries messages, neither: only a heartbeat that
+                // does not come back tells.
+                () = overdue(due) => {
+                    return Err(lost(
+                        &self.commands.address,
+                        &format!(
+                            "the subscription's heartbeat did not come back within {} ms",
+                            self.deadline.as_millis()
+                        ),
+                    ));
                 }
             }
         }
+    }
+}
+
+/// Ready at `due`; never without one.
+async fn overdue(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

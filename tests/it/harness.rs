@@ -1469,3 +1469,340 @@ impl Drop for ServeProcess {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// A Redis Cluster of the test's own
+// ---------------------------------------------------------------------------
+
+/// One `redis-server` of a [`RedisCluster`].
+pub struct ClusterNode {
+    /// The client port; the cluster bus has a port of its own.
+    pub port: u16,
+    pub bus_port: u16,
+    dir: TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl ClusterNode {
+    fn launch(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-port", &self.bus_port.to_string()])
+            .args([
+                "--cluster-node-timeout",
+                &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+            ])
+            .arg("--cluster-config-file")
+            .arg(self.dir.path().join("nodes.conf"))
+            .args(["--appendonly", "yes", "--save", "", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts (scripts/services.sh installs it)");
+        self.child = Some(child);
+    }
+
+    /// The process id while the node runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The node's own log (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `cluster-node-timeout` of the test clusters: a killed primary's
+/// replica takes over within a few seconds.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 2_000;
+
+/// A 6-node Redis Cluster (3 primaries, 3 replicas) on loopback ports,
+/// each node with its own data directory (append-only file, nodes.conf);
+/// every node is stopped by pid on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster and waits until every node
+    /// says `cluster_state:ok`.
+    pub async fn start() -> RedisCluster {
+        let mut cluster = RedisCluster { nodes: Vec::new() };
+        for _ in 0..6 {
+            let mut node = ClusterNode {
+                port: free_port(),
+                bus_port: free_port(),
+                dir: tempfile::tempdir().expect("tempdir"),
+                child: None,
+            };
+            node.launch();
+            cluster.nodes.push(node);
+        }
+        for node in &cluster.nodes {
+            cluster.wait_answering(node.port).await;
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    async fn wait_answering(&self, port: u16) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.cli(port, &["PING"]).trim() != "PONG" {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server on port {port} did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every running node says `cluster_state:ok` and knows
+    /// every node, the running primaries serve all 16384 slots, and every
+    /// running replica's link to its primary is up (a replica still in its
+    /// first sync refuses a `CLUSTER FAILOVER`).
+    pub async fn wait_ok(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let running: Vec<&ClusterNode> =
+                self.nodes.iter().filter(|n| n.child.is_some()).collect();
+            let ok = running.iter().all(|n| {
+                let info = self.cli(n.port, &["CLUSTER", "INFO"]);
+                let replication = self.cli(n.port, &["INFO", "replication"]);
+                info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_ok:16384")
+                    && info.contains(&format!("cluster_known_nodes:{}", self.nodes.len()))
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"))
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cluster is not ok after {within:?}: {}",
+                running
+                    .iter()
+                    .map(|n| format!("\n{}: {}", n.port, self.cli(n.port, &["CLUSTER", "INFO"])))
+                    .collect::<String>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `redis-cli -p PORT ARGS...`: its output (errors included, as the
+    /// text redis-cli prints).
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// The seed URLs (every node's).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(ClusterNode::url).collect()
+    }
+
+    /// `redis_cluster_urls = [...]` with every node as a seed.
+    pub fn config_line(&self) -> String {
+        let urls: Vec<String> = self.urls().iter().map(|u| format!("{u:?}")).collect();
+        format!("redis_cluster_urls = [{}]", urls.join(", "))
+    }
+
+    /// `CLUSTER NODES` as one running node sees it: (port, role, the
+    /// primary's node id for a replica, node id), skipping failed nodes.
+    fn topology(&self) -> Vec<(u16, String, String, String)> {
+        let Some(node) = self.nodes.iter().find(|n| n.child.is_some()) else {
+            return Vec::new();
+        };
+        self.cli(node.port, &["CLUSTER", "NODES"])
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() < 8 || fields[2].contains("fail") {
+                    return None;
+                }
+                let port = fields[1].split(['@', ':']).nth(1)?.parse().ok()?;
+                let role = if fields[2].contains("master") {
+                    "master"
+                } else {
+                    "slave"
+                };
+                Some((
+                    port,
+                    role.to_string(),
+                    fields[3].to_string(),
+                    fields[0].to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The ports of the primaries (that have not failed), ascending.
+    pub fn primaries(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .topology()
+            .into_iter()
+            .filter(|(_, role, _, _)| role == "master")
+            .map(|(port, ..)| port)
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// The port of a replica of the primary on `primary`.
+    pub fn replica_of(&self, primary: u16) -> Option<u16> {
+        let topology = self.topology();
+        let id = topology.iter().find(|t| t.0 == primary)?.3.clone();
+        topology
+            .iter()
+            .find(|t| t.1 == "slave" && t.2 == id)
+            .map(|t| t.0)
+    }
+
+    /// `DBSIZE` on each primary, by port.
+    pub fn keys_per_primary(&self) -> Vec<(u16, u64)> {
+        self.primaries()
+            .into_iter()
+            .map(|port| {
+                let n = self.cli(port, &["DBSIZE"]);
+                let n = n
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("DBSIZE on {port}: {n}"));
+                (port, n)
+            })
+            .collect()
+    }
+
+    /// Every key under `pattern` on every primary (`KEYS` acts on one node).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        self.primaries()
+            .into_iter()
+            .flat_map(|port| {
+                self.cli(port, &["--scan", "--pattern", pattern])
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    pub fn node(&self, port: u16) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    /// Kills the node on `port` with SIGKILL (by its pid), as a crash would.
+    pub fn kill(&mut self, port: u16) {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+            .kill();
+    }
+
+    /// Freezes the node on `port` (SIGSTOP, by its pid): its connections
+    /// stay open and silent, as behind a partition.
+    pub fn pause(&self, port: u16) {
+        self.signal(port, "-STOP");
+    }
+
+    /// Thaws a node [`RedisCluster::pause`] froze (SIGCONT).
+    pub fn resume(&self, port: u16) {
+        self.signal(port, "-CONT");
+    }
+
+    fn signal(&self, port: u16, signal: &str) {
+        let pid = self.node(port).pid().expect("the node runs");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// Starts the node on `port` again, on its data directory and
+    /// nodes.conf (it rejoins; as a replica if it was failed over).
+    pub async fn restart(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"));
+        node.kill();
+        node.launch();
+        self.wait_answering(port).await;
+    }
+
+    /// `CLUSTER FAILOVER` on the replica on `replica`, then waits until it
+    /// says it is a primary (the other nodes learn it over the cluster bus
+    /// right after: [`RedisCluster::wait_ok`] waits for that).
+    pub async fn failover(&self, replica: u16) {
+        let out = self.cli(replica, &["CLUSTER", "FAILOVER"]);
+        assert_eq!(out.trim(), "OK", "CLUSTER FAILOVER on {replica}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.cli(replica, &["ROLE"]).starts_with("master") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{replica} was not promoted: {}",
+                self.cli(replica, &["ROLE"])
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}

@@ -1216,7 +1216,7 @@ pub(crate) async fn wait_subscribed(gw: &Gw, up: bool) {
 
 /// How long until `gw` turns `token` away, asking every 20 ms; fails if it
 /// still serves it after `within`.
-async fn time_to_401(gw: &Gw, token: &str, within: Duration) -> Duration {
+pub(crate) async fn time_to_401(gw: &Gw, token: &str, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
         let status = gw.status("/", token).await;

@@ -3,6 +3,7 @@
 
 mod admin;
 mod backend_tls;
+mod cluster;
 mod config_cli;
 mod harness;
 mod hybrid;
