@@ -14,6 +14,7 @@
 //! | [`path`] | the request path's one normal form (what is routed on, logged and forwarded), or 400 |
 //! | [`proxy`] | the request path: route → authenticate → rewrite → forward → respond |
 //! | [`upstream`] | pooled upstream clients (HTTP and HTTPS), round robin, skipping refused URLs |
+//! | `worker` | which per-core worker a thread is (`server.worker_threads`), for per-worker shards |
 //! | `backend_tls` | TLS to the backends: PEM files checked at config time, the rustls client of HTTPS upstreams |
 //! | [`forwarded`] | behind a load balancer: `server.trusted_proxies`, the `X-Forwarded-For` walk, the PROXY protocol header (public for the fuzz targets) |
 //! | `limits` | per-client connection cap, upstream requests per connection, request body size and pace |
@@ -29,7 +30,9 @@
 //!
 //! # The path of a request
 //!
-//! [`server`] accepts a connection (HTTP/1.1 or h2c, or both over TLS
+//! [`server`] runs one worker per core (`server.worker_threads`), each
+//! with its own runtime, listening socket (`SO_REUSEPORT`), [`proxy::Gateway`]
+//! and upstream pools. A worker accepts a connection (HTTP/1.1 or h2c, or both over TLS
 //! with `[server.tls]`) under its connection, per-client and time limits
 //! (after a PROXY protocol header, from a trusted load balancer:
 //! [`forwarded`]), and hands each request to
@@ -71,3 +74,4 @@ pub(crate) mod tls;
 pub mod token;
 pub mod tools;
 pub mod upstream;
+pub(crate) mod worker;

@@ -123,12 +123,18 @@ fn main() -> ExitCode {
             }
         }
         Command::Serve(arg) => {
-            let config = match load(arg) {
+            let mut config = match load(arg) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             sessiongate::telemetry::init(&config.log);
-            runtime(config.server.worker_threads).block_on(async {
+            // Unset: a worker per core.
+            let workers = config
+                .server
+                .worker_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            config.server.worker_threads = Some(workers);
+            runtime().block_on(async {
                 match sessiongate::server::run(config).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -144,7 +150,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime(None).block_on(async {
+            runtime().block_on(async {
                 match sessiongate::server::migrate(&config).await {
                     Ok(()) => {
                         println!("migrations applied to {}", config.redacted_database_url());
@@ -160,21 +166,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// One worker means a current-thread runtime: every task on one thread,
-/// with no work-stealing queues, cross-thread wake-ups or idle-worker
-/// bookkeeping (measured in BENCHMARKS.md). More workers, or the default
-/// (one per core), mean the multi-threaded scheduler.
-fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
-    let mut builder = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    builder
+/// The main runtime: one thread. With one worker it serves the proxy
+/// listener too (every task on one thread, with no work-stealing queues,
+/// cross-thread wake-ups or idle-worker bookkeeping: measured in
+/// BENCHMARKS.md). With more, `server::start` gives each worker a thread
+/// and a current-thread runtime of its own, and this one keeps the admin
+/// API, the signals and the background tasks.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("the tokio runtime starts")

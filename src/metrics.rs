@@ -1,11 +1,210 @@
 //! Prometheus metrics, served as text on the admin listener's `/metrics`.
+//!
+//! What every request counts (requests and their latency, store lookups,
+//! policy calls) is kept per worker ([`WorkerCounter`],
+//! [`WorkerHistogram`]: a cell per worker, summed when `/metrics` is
+//! read), and the request path holds resolved handles rather than looking
+//! a label set up in a family each time, so that two workers never write
+//! the same cache line or take the same lock to count a request. Rarer
+//! events use `prometheus_client`'s own types.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+
+use crate::worker::{self, Padded};
+
+/// A counter with a cell per worker ([`worker::SHARDS`]); reads sum them.
+#[derive(Clone, Debug)]
+pub struct WorkerCounter {
+    cells: Arc<[Padded<AtomicU64>]>,
+}
+
+impl Default for WorkerCounter {
+    fn default() -> Self {
+        WorkerCounter {
+            cells: (0..worker::SHARDS)
+                .map(|_| Padded(AtomicU64::new(0)))
+                .collect(),
+        }
+    }
+}
+
+impl WorkerCounter {
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+
+    pub fn inc_by(&self, n: u64) {
+        self.cells[worker::shard(self.cells.len())].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.cells.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl TypedMetric for WorkerCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for WorkerCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// `request_duration_seconds`' upper bounds: 100 µs to ~3.3 s (the
+/// gateway's own cost sits at the bottom, slow upstreams at the top),
+/// then +Inf.
+const LATENCY_BOUNDS: usize = 16;
+
+fn latency_bound(i: usize) -> f64 {
+    if i < LATENCY_BOUNDS {
+        0.0001 * 2f64.powi(i as i32)
+    } else {
+        f64::MAX
+    }
+}
+
+/// One worker's share of a histogram: a count per bucket (the last is
+/// +Inf), the observation count and the sum (as f64 bits).
+struct HistogramCell {
+    buckets: [AtomicU64; LATENCY_BOUNDS + 1],
+    count: AtomicU64,
+    sum: AtomicU64,
+}
+
+impl Default for HistogramCell {
+    fn default() -> Self {
+        HistogramCell {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The latency histogram with a cell per worker; reads sum them.
+#[derive(Clone)]
+pub struct WorkerHistogram {
+    cells: Arc<[Padded<HistogramCell>]>,
+}
+
+impl Default for WorkerHistogram {
+    fn default() -> Self {
+        WorkerHistogram {
+            cells: (0..worker::SHARDS)
+                .map(|_| Padded(HistogramCell::default()))
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for WorkerHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHistogram").finish_non_exhaustive()
+    }
+}
+
+impl WorkerHistogram {
+    pub fn observe(&self, seconds: f64) {
+        let cell = &self.cells[worker::shard(self.cells.len())];
+        let bucket = (0..LATENCY_BOUNDS)
+            .find(|&i| seconds <= latency_bound(i))
+            .unwrap_or(LATENCY_BOUNDS);
+        cell.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        cell.count.fetch_add(1, Ordering::Relaxed);
+        // A compare-and-swap that, on a worker's own cell, never retries.
+        let _ = cell
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + seconds).to_bits())
+            });
+    }
+}
+
+impl TypedMetric for WorkerHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for WorkerHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut sum = 0.0;
+        let mut count = 0;
+        let mut buckets: Vec<(f64, u64)> = (0..=LATENCY_BOUNDS)
+            .map(|i| (latency_bound(i), 0))
+            .collect();
+        for cell in self.cells.iter() {
+            sum += f64::from_bits(cell.sum.load(Ordering::Relaxed));
+            count += cell.count.load(Ordering::Relaxed);
+            for (bucket, n) in buckets.iter_mut().zip(&cell.buckets) {
+                bucket.1 += n.load(Ordering::Relaxed);
+            }
+        }
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// The tiers and outcomes of `store_lookups`, for its resolved handles.
+const LOOKUP_TIERS: [&str; 3] = ["fast", "durable", "negative_cache"];
+const LOOKUP_OUTCOMES: [&str; 5] = ["hit", "miss", "revoked", "skipped", "error"];
+
+/// A route's `requests` (by status) and `request_duration_seconds`
+/// handles, resolved once: counting a request is then a few atomic adds
+/// on the worker's own cells, with no family lookup.
+pub struct RouteMetrics {
+    route: &'static str,
+    requests: Family<RequestLabels, WorkerCounter>,
+    latency_family: Family<RouteLabels, WorkerHistogram>,
+    /// By status - 100; made on first use, so that only statuses that
+    /// occurred are exported (as before).
+    by_status: Box<[OnceLock<WorkerCounter>]>,
+    latency: OnceLock<WorkerHistogram>,
+}
+
+impl RouteMetrics {
+    pub fn observe(&self, status: u16, seconds: f64) {
+        self.latency
+            .get_or_init(|| {
+                self.latency_family
+                    .get_or_create_owned(&RouteLabels { route: self.route })
+            })
+            .observe(seconds);
+        let counter = match self.by_status.get(usize::from(status).wrapping_sub(100)) {
+            Some(slot) => slot.get_or_init(|| {
+                self.requests.get_or_create_owned(&RequestLabels {
+                    route: self.route,
+                    status,
+                })
+            }),
+            None => {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        route: self.route,
+                        status,
+                    })
+                    .inc();
+                return;
+            }
+        };
+        counter.inc();
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -76,23 +275,23 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// The worker's index, `0` to `server.worker_threads - 1`.
+    pub worker: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
-type HistogramCtor = fn() -> Histogram;
-
-fn latency_histogram() -> Histogram {
-    // 100 µs to ~3.3 s: the gateway's own cost sits at the bottom,
-    // slow upstreams at the top.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
-}
-
 pub struct Metrics {
     registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub latency: Family<RouteLabels, Histogram, HistogramCtor>,
-    pub lookups: Family<LookupLabels, Counter>,
+    pub requests: Family<RequestLabels, WorkerCounter>,
+    pub latency: Family<RouteLabels, WorkerHistogram>,
+    pub lookups: Family<LookupLabels, WorkerCounter>,
+    /// `lookups` by tier × outcome ([`LOOKUP_TIERS`], [`LOOKUP_OUTCOMES`]).
+    lookup_handles: Box<[OnceLock<WorkerCounter>]>,
     pub sessions_created: Counter,
     pub sessions_revoked: Counter,
     pub auth_rejections: Family<ReasonLabels, Counter>,
@@ -106,7 +305,7 @@ pub struct Metrics {
     /// after a transient error), `skipped` (another instance replayed the
     /// log into the same server).
     pub fast_tier_replays: Family<KindLabels, Counter>,
-    pub policy_calls: Family<PolicyCallLabels, Counter>,
+    pub policy_calls: Family<PolicyCallLabels, WorkerCounter>,
     pub policy_failures: Family<PolicyFailureLabels, Counter>,
     pub policy_reloads: Family<ResultLabels, Counter>,
     pub local_cache: LocalCacheMetrics,
@@ -125,6 +324,9 @@ pub struct Metrics {
     pub tls_handshake_failures: Family<ReasonLabels, Counter>,
     /// Certificate reloads by outcome (`ok`, `error`).
     pub tls_reloads: Family<OutcomeLabels, Counter>,
+    /// Connections accepted on the proxy listener, by the worker that
+    /// serves them (`server.worker_threads`).
+    pub worker_connections: Family<WorkerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -136,11 +338,9 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("sessiongate");
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<RouteLabels, Histogram, HistogramCtor>::new_with_constructor(
-            latency_histogram,
-        );
-        let lookups = Family::<LookupLabels, Counter>::default();
+        let requests = Family::<RequestLabels, WorkerCounter>::default();
+        let latency = Family::<RouteLabels, WorkerHistogram>::default();
+        let lookups = Family::<LookupLabels, WorkerCounter>::default();
         let sessions_created = Counter::default();
         let sessions_revoked = Counter::default();
         let auth_rejections = Family::<ReasonLabels, Counter>::default();
@@ -149,7 +349,7 @@ impl Metrics {
         let durable_queries = Counter::default();
         let activity_flushed = Counter::default();
         let fast_deletes_deferred = Counter::default();
-        let policy_calls = Family::<PolicyCallLabels, Counter>::default();
+        let policy_calls = Family::<PolicyCallLabels, WorkerCounter>::default();
         let policy_failures = Family::<PolicyFailureLabels, Counter>::default();
         let policy_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
@@ -260,11 +460,20 @@ impl Metrics {
             "Certificate reloads (SIGHUP, admin, file watch) by outcome; on error the previous certificates stay in service",
             tls_reloads.clone(),
         );
+        let worker_connections = Family::<WorkerLabels, Counter>::default();
+        registry.register(
+            "worker_connections",
+            "Connections accepted on the proxy listener, by the worker (0 to server.worker_threads - 1) that serves them",
+            worker_connections.clone(),
+        );
         Metrics {
             registry,
             requests,
             latency,
             lookups,
+            lookup_handles: (0..LOOKUP_TIERS.len() * LOOKUP_OUTCOMES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
             sessions_created,
             sessions_revoked,
             auth_rejections,
@@ -283,6 +492,7 @@ impl Metrics {
             proxy_protocol_rejections,
             tls_handshake_failures,
             tls_reloads,
+            worker_connections,
         }
     }
 
@@ -305,9 +515,31 @@ impl Metrics {
     }
 
     pub fn lookup(&self, tier: &'static str, outcome: &'static str) {
-        self.lookups
-            .get_or_create(&LookupLabels { tier, outcome })
-            .inc();
+        let t = LOOKUP_TIERS.iter().position(|x| *x == tier);
+        let o = LOOKUP_OUTCOMES.iter().position(|x| *x == outcome);
+        match (t, o) {
+            (Some(t), Some(o)) => self.lookup_handles[t * LOOKUP_OUTCOMES.len() + o]
+                .get_or_init(|| {
+                    self.lookups
+                        .get_or_create_owned(&LookupLabels { tier, outcome })
+                })
+                .inc(),
+            _ => self
+                .lookups
+                .get_or_create(&LookupLabels { tier, outcome })
+                .inc(),
+        }
+    }
+
+    /// The handles a route's requests are counted with.
+    pub fn route(&self, route: &'static str) -> RouteMetrics {
+        RouteMetrics {
+            route,
+            requests: self.requests.clone(),
+            latency_family: self.latency.clone(),
+            by_status: (100..600).map(|_| OnceLock::new()).collect(),
+            latency: OnceLock::new(),
+        }
     }
 
     pub fn observe_request(&self, route: &'static str, status: u16, seconds: f64) {

@@ -50,7 +50,8 @@ use crate::store::SessionStore;
 use crate::token::{self, TokenHash, TokenKey};
 use crate::upstream::Upstream;
 
-/// Everything the request path needs, shared by every connection.
+/// Everything the request path needs: one per worker (its own upstream
+/// pools and policy chain handle), the store, policies and metrics shared.
 pub struct Gateway {
     pub config: Arc<Config>,
     pub store: SessionStore,
@@ -58,15 +59,18 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub policies: Arc<Policies>,
     routes: Vec<Route>,
+    /// This gateway's (its worker's) handle on the running policy chain.
+    chain: crate::policy::ChainCache,
     upstreams: Vec<Arc<Upstream>>,
     /// `server.trusted_proxies`.
     trusted: TrustedProxies,
 }
 
-/// A configured route with its metric label.
+/// A configured route with its metric label and handles.
 struct Route {
     config: RouteConfig,
     label: &'static str,
+    metrics: crate::metrics::RouteMetrics,
 }
 
 impl std::ops::Deref for Route {
@@ -111,6 +115,8 @@ impl Presented {
 /// What one request did, for its log line.
 struct Outcome {
     route: &'static str,
+    /// The route's place in `Gateway::routes`, for its metric handles.
+    route_index: Option<usize>,
     session_id: Option<uuid::Uuid>,
 }
 
@@ -125,9 +131,13 @@ impl Gateway {
         let mut routes: Vec<Route> = config
             .routes
             .iter()
-            .map(|r| Route {
-                label: crate::metrics::intern(&r.prefix),
-                config: r.clone(),
+            .map(|r| {
+                let label = crate::metrics::intern(&r.prefix);
+                Route {
+                    label,
+                    metrics: metrics.route(label),
+                    config: r.clone(),
+                }
             })
             .collect();
         // Longest prefix first, so the first match is the most specific;
@@ -141,6 +151,7 @@ impl Gateway {
             store,
             token_key,
             metrics,
+            chain: policies.cache(),
             policies,
             routes,
             upstreams,
@@ -151,7 +162,11 @@ impl Gateway {
     /// characters and `/` (config validation), so matching the normal
     /// form is matching what the upstream decodes it to.
     fn route(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
+        self.route_index(path).map(|i| &self.routes[i])
+    }
+
+    fn route_index(&self, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| {
             if r.case_insensitive {
                 path.as_bytes()
                     .get(..r.prefix.len())
@@ -194,6 +209,7 @@ impl Gateway {
         let html = accepts_html(req.headers());
         let mut outcome = Outcome {
             route: "-",
+            route_index: None,
             session_id: None,
         };
         let result = match invalid {
@@ -222,8 +238,14 @@ impl Gateway {
         resp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         let elapsed = started.elapsed();
         let status = resp.status().as_u16();
-        self.metrics
-            .observe_request(outcome.route, status, elapsed.as_secs_f64());
+        match outcome.route_index {
+            Some(i) => self.routes[i]
+                .metrics
+                .observe(status, elapsed.as_secs_f64()),
+            None => self
+                .metrics
+                .observe_request(outcome.route, status, elapsed.as_secs_f64()),
+        }
         tracing::info!(
             target: "sessiongate::access",
             request_id = request_id_text(&request_id),
@@ -251,8 +273,12 @@ impl Gateway {
         B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
         B::Error: Into<body::BoxError>,
     {
-        let route = self.route(req.uri().path()).ok_or(ProxyError::NoRoute)?;
+        let index = self
+            .route_index(req.uri().path())
+            .ok_or(ProxyError::NoRoute)?;
+        let route = &self.routes[index];
         outcome.route = route.label;
+        outcome.route_index = Some(index);
 
         // Authenticate.
         let presented = self.presented_token(req.headers());
@@ -292,7 +318,7 @@ impl Gateway {
             client: peer.client,
         };
         if let (Some(s), Presented::Valid(key)) = (&session, presented) {
-            let chain = self.policies.chain();
+            let chain = self.chain.get();
             let extend = if chain.wants_access() {
                 match chain.on_access(s, &context.info(), session::now_ms()).await {
                     AccessOutcome::Allow => None,
@@ -629,7 +655,7 @@ impl Gateway {
         attributes: BTreeMap<String, String>,
         request: Option<&RequestInfo>,
     ) -> Result<(String, Arc<Session>), ProxyError> {
-        let chain = self.policies.chain();
+        let chain = self.chain.get();
         let now = session::now_ms();
         let mut session = Session::new(user_id, attributes, self.config.session.default_ttl);
         chain
@@ -760,8 +786,15 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
+    thread_local! {
+        // `Uuid::now_v7` takes a lock shared by every thread, on every
+        // request: each worker keeps its own context instead (ids stay
+        // ordered per worker, and unique from their random bits).
+        static REQUEST_IDS: uuid::ContextV7 = const { uuid::ContextV7::new() };
+    }
+    let id = uuid::Uuid::new_v7(REQUEST_IDS.with(|context| uuid::Timestamp::now(context)));
     let mut buffer = uuid::Uuid::encode_buffer();
-    let text = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buffer);
+    let text = id.hyphenated().encode_lower(&mut buffer);
     HeaderValue::from_str(text).expect("a UUID is header-safe")
 }
 

@@ -1,6 +1,18 @@
 //! Starting and stopping the gateway: stores, listeners, the connection
 //! cap, background tasks and graceful shutdown.
 //!
+//! With `server.worker_threads = N` (N ≥ 2) the proxy listener is served
+//! by N per-core workers: each an OS thread with its own current-thread
+//! runtime, its own socket of a `SO_REUSEPORT` group, its own
+//! [`Gateway`] (upstream pools, policy chain handle) and, in the plugins,
+//! its own instance pool. Shared, because they are the process's: the
+//! session store, the policy chain and certificates (each swapped whole,
+//! so a reload reaches every worker at once), the connection caps and the
+//! metrics registry. The admin API, the redirect listener, file watchers
+//! and store maintenance run once, on the runtime that called [`start`].
+//! With one worker (or `worker_threads` unset, in the library) the proxy
+//! listener is served on that runtime too.
+//!
 //! [`start`] returns a [`RunningGateway`] bound to real sockets (port 0
 //! works, for tests); [`RunningGateway::shutdown`] stops accepting, lets
 //! in-flight requests finish within `server.shutdown_grace_ms`, and stops
@@ -42,6 +54,7 @@ use crate::store::sqlite::SqliteTier;
 use crate::store::{DurableTier, FastTier, SessionStore, StoreError, StoreOptions};
 use crate::tls::EdgeTls;
 use crate::token::TokenKey;
+use prometheus_client::metrics::counter::Counter;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +250,8 @@ pub struct RunningGateway {
     gateway: Arc<Gateway>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The per-core workers (`server.worker_threads` ≥ 2), none otherwise.
+    workers: Vec<Worker>,
     /// Stopped after the listeners have drained, so the final activity
     /// flush sees the last requests' activity.
     maintenance_shutdown: watch::Sender<bool>,
@@ -271,9 +286,23 @@ impl RunningGateway {
         for task in self.tasks {
             let _ = task.await;
         }
+        let mut workers = self.workers;
+        for worker in &mut workers {
+            // An error is a worker that panicked: nothing left to drain.
+            let _ = (&mut worker.drained).await;
+        }
         let _ = self.maintenance_shutdown.send(true);
         for task in self.maintenance {
             let _ = task.await;
+        }
+        // Only now: store connections a worker opened are driven by its
+        // runtime, and the final activity flush above may use them.
+        for worker in workers {
+            let Worker {
+                thread, release, ..
+            } = worker;
+            drop(release);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }
@@ -326,16 +355,22 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    let listener = bind(config.server.listen, "server.listen").await?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        what: "server.listen",
-        address: config.server.listen,
-        source,
-    })?;
+    // One proxy listener per worker (SO_REUSEPORT: the kernel spreads new
+    // connections over them), or the one of today on the caller's runtime.
+    let worker_count = config.server.worker_threads.unwrap_or(1);
+    let listeners = bind_listeners(config.server.listen, worker_count, "server.listen")?;
+    let addr = listeners[0]
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "server.listen",
+            address: config.server.listen,
+            source,
+        })?;
 
     let mut admin_addr = None;
     if let Some(admin_config) = &config.admin {
-        let admin_listener = bind(admin_config.listen, "admin.listen").await?;
+        let admin_listener = bind(admin_config.listen, "admin.listen")
+            .and_then(|l| registered(l, admin_config.listen, "admin.listen"))?;
         admin_addr = admin_listener.local_addr().ok();
         let admin =
             Arc::new(Admin::new(gateway.clone(), &admin_config.token).with_tls(tls.clone()));
@@ -347,6 +382,8 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         tasks.push(tokio::spawn(serve(
             admin_listener,
             limits,
+            Caps::new(&limits),
+            None,
             Edge::default(),
             http_builder(&config.server),
             shutdown_rx.clone(),
@@ -376,43 +413,70 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             );
         }
     }
-    let proxy_gateway = gateway.clone();
-    let listener_tls = tls.as_ref().map(|t| {
-        Arc::new(ListenerTls {
-            acceptor: tokio_rustls::TlsAcceptor::from(t.server_config()),
-            metrics: gateway.metrics.clone(),
-        })
-    });
     let hsts = config.server.tls.as_ref().and_then(hsts_value);
-    tasks.push(tokio::spawn(serve(
-        listener,
-        ConnLimits::from(&config.server),
-        edge.clone(),
-        http_builder(&config.server),
-        shutdown_rx.clone(),
-        listener_tls,
-        move |req, peer: &Peer| {
-            let resp = proxy_gateway.clone().handle(req, peer.clone());
-            let hsts = hsts.clone();
-            async move {
-                let mut resp = resp.await;
-                if let Some(hsts) = hsts {
-                    resp.headers_mut()
-                        .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
-                }
-                resp
-            }
-        },
-    )));
+    // `server.max_connections` and `server.max_connections_per_client`
+    // hold across all workers: one semaphore and one per-client table,
+    // touched once per connection (never per request).
+    let caps = Caps::new(&ConnLimits::from(&config.server));
+    let mut workers = Vec::new();
+    if worker_count == 1 {
+        let listener = listeners.into_iter().next().expect("one listener");
+        tasks.push(tokio::spawn(serve(
+            register(listener).map_err(|source| StartError::Bind {
+                what: "server.listen",
+                address: addr,
+                source,
+            })?,
+            ConnLimits::from(&config.server),
+            caps,
+            Some(worker_connections(&gateway.metrics, 0)),
+            edge.clone(),
+            http_builder(&config.server),
+            shutdown_rx.clone(),
+            listener_tls(&tls, &gateway.metrics),
+            proxy_handler(gateway.clone(), hsts),
+        )));
+    } else {
+        for (index, listener) in listeners.into_iter().enumerate() {
+            // Its own gateway: its own upstream pools and round robin.
+            // The store, the policy chain (one swap reaches every worker),
+            // the token key and the metrics registry are shared.
+            let worker_gateway = Arc::new(Gateway::new(
+                config.clone(),
+                gateway.store.clone(),
+                gateway.token_key.clone(),
+                gateway.metrics.clone(),
+                gateway.policies.clone(),
+            ));
+            workers.push(spawn_worker(
+                index,
+                listener,
+                WorkerSetup {
+                    limits: ConnLimits::from(&config.server),
+                    caps: caps.clone(),
+                    connections: worker_connections(&gateway.metrics, index),
+                    edge: edge.clone(),
+                    builder: http_builder(&config.server),
+                    shutdown: shutdown_rx.clone(),
+                    tls: listener_tls(&tls, &gateway.metrics),
+                    gateway: worker_gateway,
+                    hsts: hsts.clone(),
+                },
+            )?);
+        }
+    }
 
     let mut redirect_addr = None;
     if let Some(redirect) = config.server.tls.as_ref().and_then(|t| t.redirect_listen) {
-        let redirect_listener = bind(redirect, "server.tls.redirect_listen").await?;
+        let redirect_listener = bind(redirect, "server.tls.redirect_listen")
+            .and_then(|l| registered(l, redirect, "server.tls.redirect_listen"))?;
         redirect_addr = redirect_listener.local_addr().ok();
         let https_port = addr.port();
         tasks.push(tokio::spawn(serve(
             redirect_listener,
             ConnLimits::from(&config.server),
+            Caps::new(&ConnLimits::from(&config.server)),
+            None,
             // Client-facing like `listen`: the same balancers in front.
             edge,
             http_builder(&config.server),
@@ -471,6 +535,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
 
     tracing::info!(
         %addr,
+        workers = worker_count,
         https = tls.is_some(),
         redirect = ?redirect_addr,
         admin = ?admin_addr,
@@ -485,6 +550,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         gateway,
         shutdown: shutdown_tx,
         tasks,
+        workers,
         maintenance_shutdown: maintenance_tx,
         maintenance,
     })
@@ -679,14 +745,248 @@ fn redirect_host(authority: &str) -> Option<String> {
     crate::config::is_dns_name(host).then(|| host.to_ascii_lowercase())
 }
 
-async fn bind(address: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| StartError::Bind {
-            what,
-            address,
-            source,
+/// A listening socket on `address` (not yet registered with a runtime).
+fn bind(address: SocketAddr, what: &'static str) -> Result<std::net::TcpListener, StartError> {
+    listen_socket(address, false).map_err(|source| StartError::Bind {
+        what,
+        address,
+        source,
+    })
+}
+
+/// `count` listening sockets on one address: one plain socket for one, or
+/// a `SO_REUSEPORT` group, one socket per worker, for more (the kernel
+/// hashes each new connection to one of them, and a worker accepts from
+/// its own socket only: no shared accept queue, no thundering herd).
+///
+/// A fixed port is first bound once without `SO_REUSEPORT`, so that a
+/// port another process listens on is still "address in use" rather than
+/// a group silently shared with that process; port 0 takes the port the
+/// first socket is given.
+fn bind_listeners(
+    address: SocketAddr,
+    count: usize,
+    what: &'static str,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    if count <= 1 {
+        return Ok(vec![bind(address, what)?]);
+    }
+    let error = |source| StartError::Bind {
+        what,
+        address,
+        source,
+    };
+    if address.port() != 0 {
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(error)?;
+        probe.set_reuse_address(true).map_err(error)?;
+        probe.bind(&address.into()).map_err(error)?;
+    }
+    let first = listen_socket(address, true).map_err(error)?;
+    let bound = first.local_addr().map_err(error)?;
+    let mut listeners = vec![first];
+    for _ in 1..count {
+        listeners.push(listen_socket(bound, true).map_err(error)?);
+    }
+    Ok(listeners)
+}
+
+/// What Tokio's `TcpListener::bind` does (`SO_REUSEADDR`, a backlog of
+/// 1024, non-blocking), plus `SO_REUSEPORT` when asked.
+fn listen_socket(address: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// [`register`], its failure a start error.
+fn registered(
+    listener: std::net::TcpListener,
+    address: SocketAddr,
+    what: &'static str,
+) -> Result<TcpListener, StartError> {
+    register(listener).map_err(|source| StartError::Bind {
+        what,
+        address,
+        source,
+    })
+}
+
+/// Registers a listening socket with the current runtime.
+fn register(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// The caps a listener's connections count against; shared by the
+/// workers of one listener.
+#[derive(Clone)]
+struct Caps {
+    connections: Arc<Semaphore>,
+    clients: Arc<ClientCounts>,
+}
+
+impl Caps {
+    fn new(limits: &ConnLimits) -> Caps {
+        Caps {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            clients: ClientCounts::new(limits.per_client),
+        }
+    }
+}
+
+/// `sessiongate_worker_connections_total{worker}`, resolved once.
+fn worker_connections(metrics: &Metrics, index: usize) -> Counter {
+    metrics
+        .worker_connections
+        .get_or_create_owned(&crate::metrics::WorkerLabels {
+            worker: index as u32,
         })
+}
+
+/// What the HTTPS listener's connections need (none without TLS).
+fn listener_tls(tls: &Option<Arc<EdgeTls>>, metrics: &Arc<Metrics>) -> Option<Arc<ListenerTls>> {
+    tls.as_ref().map(|t| {
+        Arc::new(ListenerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(t.server_config()),
+            metrics: metrics.clone(),
+        })
+    })
+}
+
+/// The proxy listener's handler: the gateway, and HSTS on HTTPS.
+fn proxy_handler(
+    gateway: Arc<Gateway>,
+    hsts: Option<http::HeaderValue>,
+) -> impl Fn(Request<Incoming>, &Peer) -> ProxyResponse + Clone + Send + Sync + 'static {
+    move |req, peer: &Peer| ProxyResponse {
+        response: Box::pin(gateway.clone().handle(req, peer.clone())),
+        hsts: hsts.clone(),
+    }
+}
+
+/// The gateway's response with `Strict-Transport-Security` added when
+/// configured.
+struct ProxyResponse {
+    response: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+    hsts: Option<http::HeaderValue>,
+}
+
+impl Future for ProxyResponse {
+    type Output = Response<Body>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        let mut resp = std::task::ready!(self.response.as_mut().poll(cx));
+        if let Some(hsts) = self.hsts.take() {
+            resp.headers_mut()
+                .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
+        }
+        Poll::Ready(resp)
+    }
+}
+
+/// Everything a per-core worker serves its listener with.
+struct WorkerSetup {
+    limits: ConnLimits,
+    caps: Caps,
+    connections: Counter,
+    edge: Edge,
+    builder: auto::Builder<TokioExecutor>,
+    shutdown: watch::Receiver<bool>,
+    tls: Option<Arc<ListenerTls>>,
+    gateway: Arc<Gateway>,
+    hsts: Option<http::HeaderValue>,
+}
+
+/// A per-core worker: an OS thread running its own current-thread
+/// runtime, which serves one listener of the `SO_REUSEPORT` group.
+struct Worker {
+    thread: std::thread::JoinHandle<()>,
+    /// Resolves once the worker's listener is closed and its connections
+    /// are done (or cut at the grace period).
+    drained: tokio::sync::oneshot::Receiver<()>,
+    /// Dropped to let the worker's runtime end, after the final activity
+    /// flush (store connections the worker opened are driven by it).
+    release: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Starts worker `index` on `listener`. The runtime is built and the
+/// socket registered here, so that any failure is a start error.
+fn spawn_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    setup: WorkerSetup,
+) -> Result<Worker, StartError> {
+    let address = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let bind_error = |source| StartError::Bind {
+        what: "server.listen",
+        address,
+        source,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(bind_error)?;
+    let listener = {
+        let _entered = runtime.enter();
+        register(listener).map_err(bind_error)?
+    };
+    let (drained_tx, drained) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("sessiongate-worker-{index}"))
+        .spawn(move || {
+            crate::worker::set_index(index);
+            let WorkerSetup {
+                limits,
+                caps,
+                connections,
+                edge,
+                builder,
+                shutdown,
+                tls,
+                gateway,
+                hsts,
+            } = setup;
+            runtime.block_on(async move {
+                serve(
+                    listener,
+                    limits,
+                    caps,
+                    Some(connections),
+                    edge,
+                    builder,
+                    shutdown,
+                    tls,
+                    proxy_handler(gateway, hsts),
+                )
+                .await;
+                let _ = drained_tx.send(());
+                let _ = released.await;
+            });
+        })
+        .map_err(bind_error)?;
+    Ok(Worker {
+        thread,
+        drained,
+        release,
+    })
 }
 
 /// What bounds a listener's connections.
@@ -744,9 +1044,12 @@ enum Phase {
 /// at once and `limits.per_client` per client address (trusted proxies
 /// exempt; behind the PROXY protocol, per the address it gives), serving
 /// HTTP/1.1 (with upgrades) and cleartext HTTP/2 on each.
+#[allow(clippy::too_many_arguments)]
 async fn serve<F, Fut>(
     listener: TcpListener,
     limits: ConnLimits,
+    caps: Caps,
+    connections: Option<Counter>,
     edge: Edge,
     builder: auto::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
@@ -756,21 +1059,14 @@ async fn serve<F, Fut>(
     F: Fn(Request<Incoming>, &Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(limits.max_connections));
-    let clients = ClientCounts::new(limits.per_client);
+    let Caps {
+        connections: limit,
+        clients,
+    } = caps;
     let builder = Arc::new(builder);
     // Every connection task holds a receiver: `closed()` is "all gone".
     let (phase, _) = watch::channel(Phase::Serving);
     loop {
-        // Waiting for a permit before accepting leaves excess connections
-        // in the kernel's backlog instead of in our memory.
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.changed() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -783,6 +1079,22 @@ async fn serve<F, Fut>(
             },
             _ = shutdown.changed() => break,
         };
+        // Accepted first, then given a place under the cap: excess
+        // connections wait in the kernel's backlog (this one, the only
+        // one a listener holds beyond the cap, waits here), and a place
+        // freed anywhere goes to a listener that has a connection for it,
+        // never to one idle in `accept` while another's queue waits (the
+        // workers of one listener share the cap).
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        if let Some(connections) = &connections {
+            connections.inc();
+        }
         let client_slot = if edge.trusts(peer.ip()) {
             None
         } else {

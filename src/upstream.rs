@@ -16,6 +16,13 @@
 //! or not) is retried on the next URL; one that an idle connection closed
 //! under it before sending is retried on another connection.
 //!
+//! Each worker (`server.worker_threads`) has its own [`Upstream`]s, so
+//! its own idle lists, round robin and benched URLs: a pooled connection
+//! is driven by a task on the runtime that opened it and is only ever
+//! used there, the idle lists' locks are never contended, and a URL that
+//! refuses is found out by each worker on its own (one failed connect
+//! each, within [`BENCH_TIME`]).
+//!
 //! An `https://` URL gets the same pool: the connection is TLS (the
 //! upstream's rustls client, built once when the config was validated)
 //! under the same HTTP/1.1 client, and is kept alive and reused exactly as

@@ -15,7 +15,8 @@ pub mod engine;
 mod lograte;
 pub mod plugin;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -369,6 +370,9 @@ impl PolicyChain {
 /// The running chain, swapped whole on reload.
 pub struct Policies {
     current: ArcSwap<PolicyChain>,
+    /// Bumped after every swap, so that a worker's [`ChainCache`] sees a
+    /// swap with one read of a line that is written only by reloads.
+    generation: AtomicU64,
     configs: ArcSwap<Vec<PolicyConfig>>,
     /// The config file whose `[[policies]]` a reload reads again.
     source: Option<std::path::PathBuf>,
@@ -390,6 +394,7 @@ impl Policies {
     ) -> Policies {
         Policies {
             current: ArcSwap::from_pointee(chain),
+            generation: AtomicU64::new(0),
             configs: ArcSwap::from_pointee(configs),
             source,
             log_lines_per_second,
@@ -402,6 +407,14 @@ impl Policies {
     /// happen while the request runs.
     pub fn chain(&self) -> Arc<PolicyChain> {
         self.current.load_full()
+    }
+
+    /// A cache of the running chain for one worker.
+    pub fn cache(self: &Arc<Self>) -> ChainCache {
+        ChainCache {
+            policies: self.clone(),
+            seen: Mutex::new(None),
+        }
     }
 
     pub fn configs(&self) -> Arc<Vec<PolicyConfig>> {
@@ -441,6 +454,7 @@ impl Policies {
             Ok(chain) => {
                 let info = chain.info();
                 self.current.store(Arc::new(chain));
+                self.generation.fetch_add(1, Ordering::Release);
                 self.configs.store(Arc::new(configs));
                 self.metrics.policy_reload("ok");
                 tracing::info!(plugins = info.len(), "policy chain reloaded");
@@ -472,5 +486,44 @@ impl Policies {
             stamps.push(stamp(source));
         }
         stamps
+    }
+}
+
+/// One worker's handle on the running chain. Every request needs the
+/// chain for as long as it runs; taking it from the shared [`ArcSwap`]
+/// would count a reference on the chain's one shared reference count, a
+/// cache line every worker writes on every request. The cache holds the
+/// chain behind a reference count of its own worker, and looks at the
+/// shared state only to read the generation, which changes on reloads
+/// alone: a swap still reaches every worker's next request.
+pub struct ChainCache {
+    policies: Arc<Policies>,
+    seen: Mutex<Option<(u64, Arc<CachedChain>)>>,
+}
+
+/// The chain as one worker holds it: the worker's own reference count on
+/// one shared reference to the chain.
+pub struct CachedChain(Arc<PolicyChain>);
+
+impl std::ops::Deref for CachedChain {
+    type Target = PolicyChain;
+    fn deref(&self) -> &PolicyChain {
+        &self.0
+    }
+}
+
+impl ChainCache {
+    /// The chain for one request.
+    pub fn get(&self) -> Arc<CachedChain> {
+        let generation = self.policies.generation.load(Ordering::Acquire);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match &*seen {
+            Some((g, chain)) if *g == generation => chain.clone(),
+            _ => {
+                let chain = Arc::new(CachedChain(self.policies.current.load_full()));
+                *seen = Some((generation, chain.clone()));
+                chain
+            }
+        }
     }
 }

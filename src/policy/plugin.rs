@@ -29,6 +29,7 @@ use super::bindings::sessiongate::policy::{host, types};
 use super::bindings::{Policy, PolicyPre};
 use super::engine::{FUEL_PER_MS, TICK, YIELD_FUEL, engine};
 use super::lograte::{Admit, LogRate};
+use crate::worker::Padded;
 
 /// How a plugin's call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,8 +179,19 @@ struct Slot {
     bindings: Policy,
 }
 
-/// Idle instances kept per plugin.
+/// Idle instances kept per plugin and worker. A worker's calls overlap
+/// only when one yields (a call past [`YIELD_FUEL`] of work), so a worker
+/// rarely holds more than one or two; the engine's instance budget
+/// (`POOL_INSTANCES` in `engine.rs`) bounds the total either way, and an
+/// instance it refuses is a failed call, not a stalled one.
 const MAX_IDLE: usize = 16;
+
+/// Instance pools per plugin: one per worker and one for every other
+/// thread (the admin API, `plugin try`: [`crate::worker::SHARDS`]). A
+/// worker takes and returns instances on its own pool only, so the pool's
+/// lock is never contended and its cache line never moves between cores
+/// on the request path.
+const POOL_SHARDS: usize = crate::worker::SHARDS;
 
 /// Hooks and outcomes, for the call counters resolved at load.
 const HOOKS: [&str; 3] = ["create", "access", "evict"];
@@ -188,7 +200,7 @@ const OUTCOMES: [&str; 4] = ["allow", "extend", "deny", "error"];
 pub struct Plugin {
     /// `sessiongate_policy_calls_total` for each hook × outcome, resolved
     /// once so that counting a call is one atomic add.
-    calls: Vec<prometheus_client::metrics::counter::Counter>,
+    calls: Vec<crate::metrics::WorkerCounter>,
     pub name: Arc<str>,
     /// The name as an interned metric label.
     pub label: &'static str,
@@ -199,7 +211,8 @@ pub struct Plugin {
     limits: Limits,
     log_rate: Arc<LogRate>,
     pre: PolicyPre<HostState>,
-    idle: Mutex<Vec<Slot>>,
+    /// Ready instances, per worker ([`POOL_SHARDS`]).
+    idle: Box<[Padded<Mutex<Vec<Slot>>>]>,
 }
 
 /// Turns a plain `cargo build` core module into a component; components
@@ -308,7 +321,9 @@ impl Plugin {
             limits,
             log_rate,
             pre,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..POOL_SHARDS)
+                .map(|_| Padded(Mutex::new(Vec::new())))
+                .collect(),
         };
         // The first instance proves init accepts the config and tells
         // which hooks the plugin implements.
@@ -323,8 +338,13 @@ impl Plugin {
             },
         })?;
         plugin.hooks = hooks;
-        plugin.idle.lock().expect("idle lock").push(slot);
+        plugin.pool().lock().expect("idle lock").push(slot);
         Ok(plugin)
+    }
+
+    /// The calling worker's instance pool.
+    fn pool(&self) -> &Mutex<Vec<Slot>> {
+        &self.idle[crate::worker::shard(self.idle.len())]
     }
 
     /// Counts one call of `hook` that ended in `outcome`.
@@ -378,7 +398,7 @@ impl Plugin {
 
     /// A pooled instance, armed for one call, or a fresh one.
     async fn checkout(&self) -> Result<Slot, PluginFailure> {
-        let slot = self.idle.lock().expect("idle lock").pop();
+        let slot = self.pool().lock().expect("idle lock").pop();
         let mut slot = match slot {
             Some(slot) => slot,
             None => match self.instantiate().await {
@@ -403,7 +423,7 @@ impl Plugin {
         }
         match result {
             Ok(result) => {
-                let mut idle = self.idle.lock().expect("idle lock");
+                let mut idle = self.pool().lock().expect("idle lock");
                 if idle.len() < MAX_IDLE {
                     idle.push(slot);
                 }

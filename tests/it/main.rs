@@ -5,6 +5,7 @@ mod admin;
 mod backend_tls;
 mod cluster;
 mod config_cli;
+mod cores;
 mod harness;
 mod hybrid;
 mod instances;

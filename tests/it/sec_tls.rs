@@ -1090,7 +1090,18 @@ async fn wait_for_log(log: &Mutex<LoopLog>, within: Duration, done: impl Fn(&Loo
 /// Swaps the certificate on disk while a client loops over new
 /// connections; `trigger` makes the gateway notice. Zero failed requests,
 /// the old certificate until the swap and the new one after it.
-async fn swap_under_load(watch: bool) {
+/// `sessiongate_worker_connections_total` of workers 0 and 1.
+async fn worker_connections(gw: &GatewayUnderTest) -> [u64; 2] {
+    let text = metrics(gw).await;
+    [0, 1].map(|w| {
+        metric(
+            &text,
+            &format!("sessiongate_worker_connections_total{{worker=\"{w}\"}}"),
+        )
+    })
+}
+
+async fn swap_under_load(watch: bool, workers: usize) {
     let pki = Pki::new();
     let up = TestUpstream::start().await;
     let old = pki.leaf(&["localhost", "127.0.0.1"]);
@@ -1102,7 +1113,7 @@ async fn swap_under_load(watch: bool) {
     };
     let gw = tls_gateway(
         GatewaySpec::standard(&up.url()),
-        "",
+        &format!("worker_threads = {workers}"),
         &tls_keys(&files, extra),
     )
     .await;
@@ -1126,10 +1137,27 @@ async fn swap_under_load(watch: bool) {
         assert_eq!(body["certificates"][0]["default"], true);
     }
     let new_sha = new.sha256();
+    let reloaded = worker_connections(&gw).await;
     wait_for_log(&log, Duration::from_secs(10), |l| {
         l.served.iter().filter(|s| **s == new_sha).count() >= 20
     })
     .await;
+    if workers > 1 {
+        // Both workers took connections after the reload (and every
+        // handshake after the first new one is checked below).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = worker_connections(&gw).await;
+            if now[0] > reloaded[0] && now[1] > reloaded[1] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "new connections reached one worker only: {reloaded:?} → {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     client.await.unwrap();
 
@@ -1155,12 +1183,17 @@ async fn swap_under_load(watch: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_swapped_and_reloaded_through_the_admin_api_fails_no_request() {
-    swap_under_load(false).await;
+    swap_under_load(false, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_reload_reaches_every_worker_and_fails_no_request() {
+    swap_under_load(false, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_swapped_on_disk_is_picked_up_by_the_watcher_and_fails_no_request() {
-    swap_under_load(true).await;
+    swap_under_load(true, 1).await;
 }
 
 /// What a case does to the certificate files.
@@ -1386,6 +1419,7 @@ async fn sighup_reloads_the_certificates_of_the_running_binary() {
     let admin = format!("127.0.0.1:{}", free_port());
     let text = GatewaySpec::standard(&up.url())
         .to_toml(&database_url(&dir), &listen.to_string(), &admin)
+        .replacen("[server]\n", "[server]\nworker_threads = 2\n", 1)
         .replacen(
             "\n[admin]\n",
             &format!(
@@ -1428,6 +1462,32 @@ async fn sighup_reloads_the_certificates_of_the_running_binary() {
             process.output()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every later handshake gets it, on both workers.
+    let worker_counts = || async {
+        let text = client()
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        [0, 1].map(|w| {
+            metric(
+                &text,
+                &format!("sessiongate_worker_connections_total{{worker=\"{w}\"}}"),
+            )
+        })
+    };
+    let reloaded = worker_counts().await;
+    for tries in 1.. {
+        assert_eq!(leaf().await, new.der, "a worker served the old certificate");
+        let now = worker_counts().await;
+        if now[0] > reloaded[0] && now[1] > reloaded[1] {
+            break;
+        }
+        assert!(tries < 200, "200 connections reached one worker only");
     }
     assert!(process.output().contains("TLS certificates reloaded"));
     assert!(process.try_wait().is_none(), "SIGHUP stopped the process");
