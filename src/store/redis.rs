@@ -33,7 +33,8 @@
 //! It is also the [`InvalidationBus`] of the in-process cache in front of
 //! it ([`super::layered`]): messages are published on the channel
 //! `<prefix>invalidate`, and each subscriber holds one dedicated pub/sub
-//! connection to one node (the server, or each seed in turn). A
+//! connection to one node (the server; on a cluster each seed in turn,
+//! then the other nodes it knows of). A
 //! subscription proves itself end to end: every [`HEARTBEAT_INTERVAL`] it
 //! publishes a heartbeat carrying its own random nonce on the channel
 //! `<prefix>invalidate:heartbeat` and expects it back within
@@ -78,6 +79,8 @@ const BATCH: usize = 500;
 /// Batches of one revocation in flight at once (a cluster has a batch per
 /// hash slot: a user's sessions are spread over many).
 const BATCHES_IN_FLIGHT: usize = 16;
+/// Nodes beyond the seeds tried for a subscription.
+const MAX_OTHER_NODES: usize = 16;
 /// Attempts at a publication, each on a node picked at random in a
 /// cluster (one may be down); within one Redis timeout in all.
 const PUBLISH_ATTEMPTS: usize = 2;
@@ -479,26 +482,23 @@ impl RedisTier {
         Ok(ids.join(","))
     }
 
-    /// A pub/sub connection to one node, subscribed to both channels;
-    /// the nodes are tried in turn, starting after the last one used.
+    /// A pub/sub connection to one node, subscribed to both channels:
+    /// the seeds in turn, starting after the last one used, then (all
+    /// seeds lost) the other nodes the cluster knows of.
     async fn subscribe_somewhere(&self) -> StoreResult<redis::aio::PubSub> {
         let n = self.nodes.len();
         let first = self.next_node.fetch_add(1, Ordering::Relaxed);
         let mut last_error = None;
         for i in 0..n {
-            let client = &self.nodes[(first + i) % n];
-            let subscribe = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub
-                    .subscribe(&[&self.channel, &self.heartbeat_channel])
-                    .await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            };
-            // The client's own connect has no deadline of ours.
-            match tokio::time::timeout(self.commands.timeout, subscribe).await {
-                Ok(Ok(pubsub)) => return Ok(pubsub),
-                Ok(Err(e)) => last_error = Some(e),
-                Err(_) => last_error = Some(timed_out()),
+            match self.subscribe_on(&self.nodes[(first + i) % n]).await {
+                Ok(pubsub) => return Ok(pubsub),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        for client in self.other_nodes().await {
+            match self.subscribe_on(&client).await {
+                Ok(pubsub) => return Ok(pubsub),
+                Err(e) => last_error = Some(e),
             }
         }
         Err(unavailable(
@@ -506,6 +506,92 @@ impl RedisTier {
             last_error.unwrap_or_else(timed_out),
         ))
     }
+
+    async fn subscribe_on(&self, client: &redis::Client) -> redis::RedisResult<redis::aio::PubSub> {
+        let subscribe = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub
+                .subscribe(&[&self.channel, &self.heartbeat_channel])
+                .await?;
+            Ok(pubsub)
+        };
+        // The client's own connect has no deadline of ours.
+        tokio::time::timeout(self.commands.timeout, subscribe)
+            .await
+            .unwrap_or_else(|_| Err(timed_out()))
+    }
+
+    /// The cluster's nodes that are not seeds and not failed (`CLUSTER
+    /// NODES` on any node), at most [`MAX_OTHER_NODES`], reached like the
+    /// first seed (its TLS and credentials); none on a single server or
+    /// when no node answers.
+    async fn other_nodes(&self) -> Vec<redis::Client> {
+        let (Connection::Cluster(_), Some(seed)) = (&self.commands.conn, self.nodes.first()) else {
+            return Vec::new();
+        };
+        let nodes: String = match self
+            .commands
+            .query(redis::cmd("CLUSTER").arg("NODES"))
+            .await
+        {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::debug!(error = %e, "CLUSTER NODES failed; no other node to subscribe on");
+                return Vec::new();
+            }
+        };
+        let seeds: Vec<(String, u16)> = self
+            .nodes
+            .iter()
+            .filter_map(|c| match c.get_connection_info().addr() {
+                redis::ConnectionAddr::Tcp(host, port)
+                | redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+                _ => None,
+            })
+            .collect();
+        cluster_node_addresses(&nodes)
+            .into_iter()
+            .filter(|address| !seeds.contains(address))
+            .take(MAX_OTHER_NODES)
+            .filter_map(|(host, port)| {
+                let addr = match seed.get_connection_info().addr() {
+                    redis::ConnectionAddr::TcpTls {
+                        insecure,
+                        tls_params,
+                        ..
+                    } => redis::ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        insecure: *insecure,
+                        tls_params: tls_params.clone(),
+                    },
+                    _ => redis::ConnectionAddr::Tcp(host, port),
+                };
+                redis::Client::open(seed.get_connection_info().clone().set_addr(addr)).ok()
+            })
+            .collect()
+    }
+}
+
+/// The addresses of the nodes in `CLUSTER NODES` output that are not
+/// failed (or still joining).
+fn cluster_node_addresses(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (address, flags) = (fields.get(1)?, fields.get(2)?);
+            if ["fail", "handshake", "noaddr"]
+                .iter()
+                .any(|bad| flags.contains(bad))
+            {
+                return None;
+            }
+            // ip:port@cport[,hostname]
+            let (host, rest) = address.rsplit_once('@')?.0.rsplit_once(':')?;
+            Some((host.to_string(), rest.parse().ok()?))
+        })
+        .collect()
 }
 
 fn invalid(address: &str, message: String) -> StoreError {
@@ -846,5 +932,32 @@ async fn overdue(due: Option<tokio::time::Instant>) {
     match due {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_output_gives_the_live_nodes_addresses() {
+        let nodes = "\
+07c3 127.0.0.1:30004@31004 slave e7d1 0 1426238317239 4 connected
+67ed 127.0.0.1:30002@31002,node-b master - 0 1426238316232 2 connected 5461-10922
+292f 127.0.0.1:30003@31003 master,fail - 0 1426238318243 3 connected 10923-16383
+6ec2 127.0.0.1:30005@31005 myself,master - 0 0 5 connected
+e7d1 :0@0 master,noaddr - 0 0 0 disconnected
+824f ::1:30006@31006 slave,fail? 292f 0 1426238317741 6 connected
+";
+        assert_eq!(
+            cluster_node_addresses(nodes),
+            vec![
+                ("127.0.0.1".to_string(), 30004),
+                ("127.0.0.1".to_string(), 30002),
+                ("127.0.0.1".to_string(), 30005),
+            ]
+        );
+        assert!(cluster_node_addresses("").is_empty());
+        assert!(cluster_node_addresses("garbage\nmore garbage here x").is_empty());
     }
 }

@@ -374,6 +374,130 @@ async fn invalidations_cross_nodes_and_a_silent_subscription_node_is_left() {
     db.drop_db().await;
 }
 
+/// A gateway whose only seed is lost subscribes through another node the
+/// cluster knows of, and its invalidations keep arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_moves_to_a_known_node_when_the_only_seed_is_lost() {
+    let mut cluster = RedisCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = TestUpstream::start().await;
+    let prefix = prefix();
+    let channel = format!("{prefix}invalidate");
+    let primaries = cluster.primaries();
+    let seed = cluster.replica_of(primaries[0]).expect("a replica");
+    let gw = Gw::start(config(
+        &upstream,
+        &harness::database_url(&dir),
+        &cluster_store(
+            &[cluster.node(seed).url()],
+            &prefix,
+            "local_cache_ttl_ms = 600000",
+        ),
+        "",
+    ))
+    .await;
+    wait_subscribed(&gw, true).await;
+    let subscribed_on = |cluster: &RedisCluster| -> Vec<u16> {
+        cluster
+            .nodes
+            .iter()
+            .filter(|n| n.pid().is_some())
+            .filter(|n| {
+                cluster
+                    .cli(n.port, &["PUBSUB", "NUMSUB", &channel])
+                    .lines()
+                    .nth(1)
+                    .is_some_and(|c| c.trim() == "1")
+            })
+            .map(|n| n.port)
+            .collect()
+    };
+    assert_eq!(subscribed_on(&cluster), vec![seed]);
+
+    cluster.kill(seed);
+    let killed = Instant::now();
+    let moved_to = loop {
+        if let [port] = subscribed_on(&cluster)[..] {
+            break port;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "never subscribed elsewhere"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!(
+        "the only seed killed: subscribed through {moved_to} after {:?}",
+        killed.elapsed()
+    );
+    wait_subscribed(&gw, true).await;
+
+    // A tombstone written behind the gateway's back (as by another
+    // instance), announced through another node.
+    let (token, _) = admin_create(&gw, "gina").await;
+    assert_eq!(gw.status("/", &token).await, 200);
+    let mut conn = cluster_conn(&cluster).await;
+    let _: () = conn.set(key_of(&prefix, &token), &[0u8][..]).await.unwrap();
+    assert_eq!(gw.status("/", &token).await, 200, "its local copy");
+    let publish_node = primaries.iter().copied().find(|&p| p != moved_to).unwrap();
+    publish_batch(&cluster, publish_node, &channel, &token);
+    time_to_401(&gw, &token, Duration::from_secs(2)).await;
+    gw.shutdown().await;
+}
+
+/// A gateway that starts while the whole cluster is down serves from the
+/// durable tier, then finds the cluster through its seeds once it is back
+/// (the cluster client connects lazily and again), replays the log and
+/// serves from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_the_cluster_is_down_uses_it_once_it_is_up() {
+    let mut cluster = RedisCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = TestUpstream::start().await;
+    let prefix = prefix();
+    cluster.kill_all();
+    let started = Instant::now();
+    let gw = Gw::start(config(
+        &upstream,
+        &harness::database_url(&dir),
+        &cluster_store(&cluster.urls(), &prefix, "redis_retry_ms = 100"),
+        "",
+    ))
+    .await;
+    println!(
+        "the gateway started in {:?} with the cluster down",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the start does not wait for the cluster"
+    );
+    let (status, body) = gw.readyz().await;
+    assert_eq!(status, 503, "{body}");
+    let token = gw.login("frank").await;
+    assert_eq!(
+        gw.status("/", &token).await,
+        200,
+        "served from the durable tier"
+    );
+
+    cluster.restart_all().await;
+    gw.wait_ready(Duration::from_secs(15)).await;
+    let before = fast_lookups(&gw.metrics().await, "hit");
+    assert_eq!(gw.status("/", &token).await, 200);
+    assert_eq!(gw.logout(&token).await, 200);
+    assert_eq!(gw.status("/", &token).await, 401);
+    let metrics = gw.metrics().await;
+    assert!(
+        fast_lookups(&metrics, "hit") > before,
+        "served from the cluster again: {metrics}"
+    );
+    let mut conn = cluster_conn(&cluster).await;
+    let value: Option<Vec<u8>> = conn.get(key_of(&prefix, &token)).await.unwrap();
+    assert_eq!(value.as_deref(), Some(&[0u8][..]), "the logout's tombstone");
+    gw.shutdown().await;
+}
+
 /// `PUBLISH channel <batch of the token's hash>` through `redis-cli` on
 /// the node on `port` (the batch is binary: `-x` reads it from stdin).
 fn publish_batch(cluster: &RedisCluster, port: u16, channel: &str, token: &str) {

@@ -1748,6 +1748,27 @@ impl RedisCluster {
             .kill();
     }
 
+    /// Kills every node (SIGKILL, by pid): the whole cluster is down.
+    pub fn kill_all(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+
+    /// Starts every node that is not running again, on its data directory
+    /// and nodes.conf, and waits until the cluster is ok.
+    pub async fn restart_all(&mut self) {
+        for node in &mut self.nodes {
+            if node.child.is_none() {
+                node.launch();
+            }
+        }
+        for node in &self.nodes {
+            self.wait_answering(node.port).await;
+        }
+        self.wait_ok(Duration::from_secs(30)).await;
+    }
+
     /// Freezes the node on `port` (SIGSTOP, by its pid): its connections
     /// stay open and silent, as behind a partition.
     pub fn pause(&self, port: u16) {
