@@ -374,6 +374,66 @@ async fn invalidations_cross_nodes_and_a_silent_subscription_node_is_left() {
     db.drop_db().await;
 }
 
+/// With `server.worker_threads = 2` every worker's requests reach the
+/// cluster (its connection lives on the runtime that opened the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_cluster_tier() {
+    let cluster = RedisCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = TestUpstream::start().await;
+    let prefix = prefix();
+    let mut config = config(
+        &upstream,
+        &harness::database_url(&dir),
+        &cluster_store(&cluster.urls(), &prefix, "local_cache_ttl_ms = 60000"),
+        "",
+    );
+    config.server.worker_threads = Some(2);
+    let gw = Gw::start(config).await;
+    let sessions = create_many(&gw, "hana", 40).await;
+    // A fresh connection per request: the SO_REUSEPORT group spreads them
+    // over both workers.
+    let status = |token: String| {
+        let url = gw.url("/");
+        async move {
+            harness::client()
+                .get(url)
+                .header("cookie", harness::cookie(&token))
+                .send()
+                .await
+                .expect("request")
+                .status()
+                .as_u16()
+        }
+    };
+    for (token, _) in &sessions {
+        assert_eq!(status(token.clone()).await, 200);
+    }
+    let resp = gw
+        .client
+        .delete(gw.admin_url("/v1/users/hana/sessions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for (token, _) in &sessions {
+        assert_eq!(status(token.clone()).await, 401);
+    }
+    let metrics = gw.metrics().await;
+    assert_eq!(fast_lookups(&metrics, "error"), 0.0, "{metrics}");
+    for worker in 0..2 {
+        assert!(
+            counter(
+                &metrics,
+                &format!("sessiongate_worker_connections_total{{worker=\"{worker}\"}} ")
+            ) > 0.0,
+            "worker {worker} served connections: {metrics}"
+        );
+    }
+    gw.shutdown().await;
+}
+
 /// A gateway whose only seed is lost subscribes through another node the
 /// cluster knows of, and its invalidations keep arriving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
