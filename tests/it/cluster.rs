@@ -1,9 +1,14 @@
 //! The Redis fast tier on a real 6-node Redis Cluster (3 primaries, 3
 //! replicas) of each test's own ([`RedisCluster`]): keys on every primary,
 //! per-slot revocations, the fingerprint over every primary, invalidations
-//! across nodes, and the configuration of `store.redis_cluster_urls`.
+//! across nodes, and the configuration of `store.redis_cluster_urls`;
+//! then faults under load through three gateways: `CLUSTER FAILOVER`, a
+//! primary killed with SIGKILL, a live reshard, and the invalidation
+//! channel's slot moving and its node dying.
 
+use std::collections::{BTreeMap, HashSet};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
@@ -699,4 +704,933 @@ fn cluster_urls_come_from_the_environment_too() {
     );
     assert_eq!(code, Some(1));
     assert!(stderr.contains("mutually exclusive"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// Faults under load (issue 13, item 5): three gateways on one cluster and
+// one PostgreSQL database, clients looping on all three while a replica
+// takes over, a primary is killed or slots move, and revocations go
+// through every gateway meanwhile. Every answer is recorded with when it
+// was asked for and when it came, so each fault's failure window (first to
+// last non-200, how many) is measured, bounded and printed
+// ("FAILURE WINDOW ..." lines, quoted in BENCHMARKS.md).
+// ---------------------------------------------------------------------------
+
+/// Request loops per gateway while a fault runs.
+const LOOPS_PER_GATEWAY: usize = 2;
+/// Once the cluster is ok again, how long the gateways may take to use it
+/// again (a `redis_retry_ms` tick, the fingerprint, a replay) before a
+/// 503 counts as a failure.
+const SETTLE: Duration = Duration::from_secs(3);
+/// Sessions that stay valid through a fault, and sessions revoked under it.
+const VALID: usize = 48;
+const VICTIMS: usize = 16;
+/// The third gateway's local cache lifetime: the contract lets it serve a
+/// revoked session at most this long (the others: not at all).
+const CACHE_TTL: Duration = Duration::from_secs(2);
+
+/// One request of the load.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    gateway: usize,
+    token: usize,
+    sent: Instant,
+    answered: Instant,
+    /// 0: no HTTP answer (connection error, or no answer within 5 s).
+    status: u16,
+}
+
+/// Clients looping on every gateway over `tokens`, until [`Load::stop`].
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
+}
+
+impl Load {
+    fn start(urls: Vec<String>, tokens: Arc<Vec<String>>) -> Load {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        for (gateway, url) in urls.into_iter().enumerate() {
+            for lane in 0..LOOPS_PER_GATEWAY {
+                let (url, tokens, stopped) = (url.clone(), tokens.clone(), stopped.clone());
+                tasks.push(tokio::spawn(async move {
+                    // A gateway answers within store.redis_timeout_ms plus
+                    // PostgreSQL's time: 5 s means it hung.
+                    let client = reqwest::Client::builder()
+                        .no_proxy()
+                        .timeout(Duration::from_secs(5))
+                        .build()
+                        .expect("client");
+                    let mut samples = Vec::new();
+                    let mut i = gateway * 7 + lane * 13;
+                    while !*stopped.borrow() && samples.len() < 1_000_000 {
+                        let token = i % tokens.len();
+                        i += 1;
+                        let sent = Instant::now();
+                        let status = match client
+                            .get(&url)
+                            .header("cookie", harness::cookie(&tokens[token]))
+                            .send()
+                            .await
+                        {
+                            Ok(resp) => resp.status().as_u16(),
+                            Err(_) => 0,
+                        };
+                        samples.push(Sample {
+                            gateway,
+                            token,
+                            sent,
+                            answered: Instant::now(),
+                            status,
+                        });
+                    }
+                    samples
+                }));
+            }
+        }
+        Load { stop, tasks }
+    }
+
+    /// Runs the load a moment: the fault then hits a gateway under way.
+    async fn warm(&self) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    async fn stop(self) -> Vec<Sample> {
+        let _ = self.stop.send(true);
+        let mut all = Vec::new();
+        for task in self.tasks {
+            all.extend(task.await.expect("load task"));
+        }
+        all.sort_by_key(|s| s.sent);
+        all
+    }
+}
+
+/// A revocation made through one gateway's admin API under load.
+#[derive(Debug, Clone, Copy)]
+struct Revoked {
+    token: usize,
+    via: usize,
+    /// When `DELETE` answered 204. A 503 (PostgreSQL unreachable) tells
+    /// the caller nothing was revoked: no instant is promised then.
+    returned: Option<Instant>,
+}
+
+/// Revokes `victims` (index in the load's tokens, session id) through each
+/// gateway in turn, `pause` apart.
+async fn revoke_in_turn(gws: &[Gw], victims: &[(usize, String)], pause: Duration) -> Vec<Revoked> {
+    let mut out = Vec::new();
+    for (n, (token, id)) in victims.iter().enumerate() {
+        let via = n % gws.len();
+        let status = admin_delete(&gws[via], &format!("/v1/sessions/{id}"))
+            .await
+            .status()
+            .as_u16();
+        assert!(
+            matches!(status, 204 | 503),
+            "a revocation answered {status}: 204, or 503 when PostgreSQL is away"
+        );
+        out.push(Revoked {
+            token: *token,
+            via,
+            returned: (status == 204).then(Instant::now),
+        });
+        tokio::time::sleep(pause).await;
+    }
+    out
+}
+
+/// What a fault did to the sessions that stayed valid.
+struct Window {
+    /// Their non-200 answers, in the order they were asked for.
+    failures: Vec<Sample>,
+    total: usize,
+}
+
+impl Window {
+    /// Every answer to a session never revoked is 200 or 503: never a 500,
+    /// never a 401, never none.
+    fn of(samples: &[Sample], revoked: &[Revoked]) -> Window {
+        let victims: HashSet<usize> = revoked.iter().map(|r| r.token).collect();
+        let valid: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| !victims.contains(&s.token))
+            .collect();
+        let failures: Vec<Sample> = valid
+            .iter()
+            .filter(|s| s.status != 200)
+            .map(|s| **s)
+            .collect();
+        if let Some(bad) = failures.iter().find(|s| s.status != 503) {
+            panic!(
+                "a valid session got {} (only 200 or 503 may be answered): {bad:?}; {} non-200 in all",
+                bad.status,
+                failures.len()
+            );
+        }
+        Window {
+            failures,
+            total: valid.len(),
+        }
+    }
+
+    /// Prints the window, timed from `fault`.
+    fn report(&self, what: &str, fault: Instant) {
+        let span = match (self.failures.first(), self.failures.last()) {
+            (Some(a), Some(b)) => format!(
+                "from {:?} to {:?} after the fault ({:?})",
+                a.sent.saturating_duration_since(fault),
+                b.answered.saturating_duration_since(fault),
+                b.answered.saturating_duration_since(a.sent)
+            ),
+            _ => "none".to_string(),
+        };
+        eprintln!(
+            "FAILURE WINDOW [{what}]: {} of {} requests for valid sessions answered 503; non-200 {span}",
+            self.failures.len(),
+            self.total
+        );
+    }
+
+    /// No 503 asked for after `settled`.
+    fn assert_none_after(&self, settled: Instant, what: &str) {
+        let late: Vec<&Sample> = self.failures.iter().filter(|s| s.sent > settled).collect();
+        assert!(
+            late.is_empty(),
+            "{what}: {} answers 503 after the cluster was ok again plus {SETTLE:?}, the first {:?}",
+            late.len(),
+            late.first()
+        );
+    }
+}
+
+/// No revoked session served once its revocation answered: a 200 to a
+/// request asked for after that, later than `grace(gateway)` (a local
+/// cache's lifetime, the contract's bound for that gateway), fails.
+/// Returns how many requests for revoked sessions were asked for after
+/// their revocation answered (so that the check saw some), and the latest
+/// 200 within a grace.
+fn assert_no_grant_after_revocation(
+    samples: &[Sample],
+    revoked: &[Revoked],
+    grace: impl Fn(usize) -> Duration,
+) -> (usize, Option<Duration>) {
+    let mut checked = 0;
+    let mut latest_in_grace = None;
+    for r in revoked {
+        for s in samples.iter().filter(|s| s.token == r.token) {
+            assert!(
+                matches!(s.status, 200 | 401 | 503),
+                "a session being revoked got {}: {s:?}",
+                s.status
+            );
+            let Some(returned) = r.returned else { continue };
+            if s.sent <= returned {
+                continue;
+            }
+            checked += 1;
+            let after = s.sent - returned;
+            if s.status == 200 {
+                assert!(
+                    after <= grace(s.gateway),
+                    "gateway {} served session {} (revoked through gateway {}) {after:?} after the revocation answered",
+                    s.gateway,
+                    r.token,
+                    r.via,
+                );
+                latest_in_grace = latest_in_grace.max(Some(after));
+            }
+        }
+    }
+    (checked, latest_in_grace)
+}
+
+// ---------------------------------------------------------------------------
+// The cluster as `CLUSTER NODES` tells it.
+// ---------------------------------------------------------------------------
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+struct NodeLine {
+    id: String,
+    port: u16,
+    primary: bool,
+    /// A replica's primary.
+    primary_id: Option<String>,
+    failed: bool,
+    slots: Vec<(u16, u16)>,
+}
+
+/// The cluster as the node on `port` sees it (failed nodes included).
+fn cluster_nodes(cluster: &RedisCluster, port: u16) -> Vec<NodeLine> {
+    cluster
+        .cli(port, &["CLUSTER", "NODES"])
+        .lines()
+        .filter_map(|line| {
+            // <id> <ip:port@bus> <flags> <primary> <ping> <pong> <epoch> <link> <slot>...
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            let flags: Vec<&str> = f[2].split(',').collect();
+            let slots = f[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|n| (n, n)),
+                })
+                .collect();
+            Some(NodeLine {
+                id: f[0].to_string(),
+                port: f[1].split(['@', ':']).nth(1)?.parse().ok()?,
+                primary: flags.contains(&"master"),
+                primary_id: (f[3] != "-").then(|| f[3].to_string()),
+                failed: flags.contains(&"fail") || flags.contains(&"fail?"),
+                slots,
+            })
+        })
+        .collect()
+}
+
+fn keyslot(cluster: &RedisCluster, port: u16, key: &str) -> u16 {
+    let out = cluster.cli(port, &["CLUSTER", "KEYSLOT", key]);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT: {out}"))
+}
+
+/// The primary serving `slot`, as the node on `port` sees it.
+fn owner_of(cluster: &RedisCluster, port: u16, slot: u16) -> NodeLine {
+    cluster_nodes(cluster, port)
+        .into_iter()
+        .find(|n| n.primary && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+        .unwrap_or_else(|| panic!("no primary serves slot {slot}"))
+}
+
+/// Waits (bounded) until every node on `ports` (the running ones) says
+/// `cluster_state:ok` and sees every slot on a primary among them that
+/// has not failed: the fault is over for clients. Returns when.
+async fn wait_cluster_ok(cluster: &RedisCluster, ports: &[u16], within: Duration) -> Instant {
+    let deadline = Instant::now() + within;
+    loop {
+        let ok = ports.iter().all(|&port| {
+            cluster
+                .cli(port, &["CLUSTER", "INFO"])
+                .contains("cluster_state:ok")
+                && !cluster_nodes(cluster, port).iter().any(|n| {
+                    n.primary && !n.slots.is_empty() && (n.failed || !ports.contains(&n.port))
+                })
+        });
+        if ok {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster was not ok again within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `redis-cli --cluster reshard`: `slots` slots from the primary `from` to
+/// the primary `to` (node ids), key by key, as an operator would.
+fn reshard(port: u16, from: &str, to: &str, slots: u32) {
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "reshard", &format!("127.0.0.1:{port}")])
+        .args(["--cluster-from", from, "--cluster-to", to])
+        .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli runs");
+    assert!(
+        out.status.success(),
+        "reshard failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Moves one chosen slot, keys included, to the primary `to`, with the
+/// `CLUSTER SETSLOT` / `MIGRATE` steps of `redis-cli --cluster reshard`
+/// (which cannot be told which slots to move).
+fn move_slot(cluster: &RedisCluster, slot: u16, to: &NodeLine) {
+    let from = owner_of(cluster, to.port, slot);
+    assert_ne!(from.id, to.id, "slot {slot} is on {} already", to.port);
+    let ok = |out: String, what: &str| assert_eq!(out.trim(), "OK", "{what}: {out}");
+    let s = slot.to_string();
+    ok(
+        cluster.cli(to.port, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from.id]),
+        "IMPORTING",
+    );
+    ok(
+        cluster.cli(from.port, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to.id]),
+        "MIGRATING",
+    );
+    for _ in 0..1_000 {
+        let keys = cluster.cli(from.port, &["CLUSTER", "GETKEYSINSLOT", &s, "100"]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let port = to.port.to_string();
+        let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        args.extend(&keys);
+        ok(cluster.cli(from.port, &args), "MIGRATE");
+    }
+    // The new owner first, as redis-cli does, then the other primaries.
+    ok(
+        cluster.cli(to.port, &["CLUSTER", "SETSLOT", &s, "NODE", &to.id]),
+        "SETSLOT NODE",
+    );
+    for node in cluster_nodes(cluster, to.port) {
+        if node.primary && !node.failed && node.id != to.id {
+            ok(
+                cluster.cli(node.port, &["CLUSTER", "SETSLOT", &s, "NODE", &to.id]),
+                "SETSLOT NODE",
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Three gateways, one cluster, one database.
+// ---------------------------------------------------------------------------
+
+/// A cluster, a PostgreSQL database, an upstream, gateways on them, and
+/// the sessions of the load, made through the gateways.
+struct FaultEnv {
+    cluster: RedisCluster,
+    db: PgDb,
+    upstream: TestUpstream,
+    prefix: String,
+    gateways: Vec<Gw>,
+    /// Each gateway's local cache lifetime.
+    caches: Vec<Option<Duration>>,
+    /// The load's tokens: [`VALID`] sessions, then the [`VICTIMS`].
+    tokens: Arc<Vec<String>>,
+    /// (index in `tokens`, session id) of the sessions revoked under load.
+    victims: Vec<(usize, String)>,
+}
+
+impl FaultEnv {
+    /// Gateways with these local caches (`None`: one Redis lookup per
+    /// request) and, with `load`, the load's sessions (each served by
+    /// every gateway before the fault).
+    async fn start(caches: &[Option<Duration>], load: bool) -> FaultEnv {
+        let mut env = FaultEnv {
+            cluster: RedisCluster::start().await,
+            db: PgDb::create().await,
+            upstream: TestUpstream::start().await,
+            prefix: prefix(),
+            gateways: Vec::new(),
+            caches: Vec::new(),
+            tokens: Arc::new(Vec::new()),
+            victims: Vec::new(),
+        };
+        for &cache in caches {
+            let gw = env.gateway(cache).await;
+            env.gateways.push(gw);
+        }
+        if load {
+            let mut tokens = Vec::new();
+            for i in 0..VALID + VICTIMS {
+                let via = &env.gateways[i % env.gateways.len()];
+                let (token, id) = admin_create(via, &format!("user-{i}")).await;
+                if i >= VALID {
+                    env.victims.push((i, id));
+                }
+                tokens.push(token);
+            }
+            for gw in &env.gateways {
+                for token in &tokens {
+                    assert_eq!(gw.status("/", token).await, 200);
+                }
+            }
+            env.tokens = Arc::new(tokens);
+        }
+        env
+    }
+
+    /// A gateway on the cluster (every node a seed) and the database,
+    /// ready; not added to `gateways`.
+    async fn gateway(&mut self, cache: Option<Duration>) -> Gw {
+        let mut extra = "redis_retry_ms = 200\n".to_string();
+        if let Some(ttl) = cache {
+            extra.push_str(&format!("local_cache_ttl_ms = {}\n", ttl.as_millis()));
+        }
+        let gw = Gw::start(config(
+            &self.upstream,
+            &self.db.url(),
+            &cluster_store(&self.cluster.urls(), &self.prefix, &extra),
+            "",
+        ))
+        .await;
+        gw.wait_ready(Duration::from_secs(10)).await;
+        if cache.is_some() {
+            wait_subscribed(&gw, true).await;
+        }
+        self.caches.push(cache);
+        gw
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.gateways.iter().map(|g| g.url("/")).collect()
+    }
+
+    /// How long after a revocation answered the contract lets `gateway`
+    /// serve the session: its local cache's lifetime, else not at all.
+    fn grace(&self, gateway: usize) -> Duration {
+        self.caches[gateway].unwrap_or(Duration::ZERO)
+    }
+
+    /// The ports of the nodes still running.
+    fn live_ports(&self) -> Vec<u16> {
+        self.cluster
+            .nodes
+            .iter()
+            .filter(|n| n.pid().is_some())
+            .map(|n| n.port)
+            .collect()
+    }
+
+    fn any_port(&self) -> u16 {
+        self.live_ports()[0]
+    }
+
+    fn key(&self, token: &str) -> String {
+        key_of(&self.prefix, token)
+    }
+
+    /// The primary holding `token`'s session key.
+    fn owner_of_token(&self, token: &str) -> NodeLine {
+        let any = self.any_port();
+        owner_of(
+            &self.cluster,
+            any,
+            keyslot(&self.cluster, any, &self.key(token)),
+        )
+    }
+
+    fn replica_of(&self, primary_id: &str) -> NodeLine {
+        cluster_nodes(&self.cluster, self.any_port())
+            .into_iter()
+            .find(|n| !n.primary && !n.failed && n.primary_id.as_deref() == Some(primary_id))
+            .expect("the primary has a replica")
+    }
+
+    /// The sum over the gateways of a Prometheus counter line.
+    async fn counter_sum(&self, line_prefix: &str) -> f64 {
+        let mut sum = 0.0;
+        for gw in &self.gateways {
+            sum += counter(&gw.metrics().await, line_prefix);
+        }
+        sum
+    }
+
+    async fn finish(mut self) {
+        for gw in self.gateways.drain(..) {
+            gw.shutdown().await;
+        }
+        self.db.drop_db().await;
+    }
+}
+
+/// Lookups answered by PostgreSQL: the fast tier skipped or failed.
+const FALLBACKS: &str = "sessiongate_store_lookups_total{tier=\"durable\",outcome=\"hit\"} ";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_under_load_answers_200_or_503_and_revocations_hold() {
+    let env = FaultEnv::start(&[None, None, Some(CACHE_TTL)], true).await;
+    let gws = &env.gateways;
+    let cluster = &env.cluster;
+
+    // A revocation whose tombstone the cluster lost (asynchronous
+    // replication): the live record put back behind the gateways' backs
+    // is served again, until the replay a new fingerprint causes.
+    let (lost, lost_id) = admin_create(&gws[0], "lost").await;
+    let mut conn = cluster_conn(cluster).await;
+    let record: Vec<u8> = conn.get(env.key(&lost)).await.unwrap();
+    assert_eq!(
+        admin_delete(&gws[1], &format!("/v1/sessions/{lost_id}"))
+            .await
+            .status(),
+        204
+    );
+    let _: () = redis::cmd("SET")
+        .arg(env.key(&lost))
+        .arg(&record)
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for gw in &gws[..2] {
+        assert_eq!(gw.status("/", &lost).await, 200, "the lost tombstone");
+    }
+
+    let owner = env.owner_of_token(&lost);
+    let replica = env.replica_of(&owner.id);
+    let load = Load::start(env.urls(), env.tokens.clone());
+    load.warm().await;
+    let fallbacks = env.counter_sum(FALLBACKS).await;
+    let fault = Instant::now();
+    let out = cluster.cli(replica.port, &["CLUSTER", "FAILOVER"]);
+    assert_eq!(out.trim(), "OK", "CLUSTER FAILOVER: {out}");
+    let during = revoke_in_turn(gws, &env.victims[..VICTIMS / 2], Duration::from_millis(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while owner_of(
+        cluster,
+        replica.port,
+        keyslot(cluster, replica.port, &env.key(&lost)),
+    )
+    .id != replica.id
+    {
+        assert!(Instant::now() < deadline, "the replica never took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ok_at = wait_cluster_ok(cluster, &env.live_ports(), Duration::from_secs(10)).await;
+    let settled = ok_at + SETTLE;
+    tokio::time::sleep_until((settled + Duration::from_secs(1)).into()).await;
+    let after = revoke_in_turn(gws, &env.victims[VICTIMS / 2..], Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = load.stop().await;
+    let fallbacks = env.counter_sum(FALLBACKS).await - fallbacks;
+
+    let revoked: Vec<Revoked> = during.iter().chain(&after).copied().collect();
+    let window = Window::of(&samples, &revoked);
+    window.report("CLUSTER FAILOVER", fault);
+    eprintln!(
+        "CLUSTER FAILOVER: cluster ok {:?} after the command; {fallbacks} lookups answered by \
+         PostgreSQL; slowest answer {:?}",
+        ok_at - fault,
+        samples
+            .iter()
+            .map(|s| s.answered - s.sent)
+            .max()
+            .unwrap_or_default()
+    );
+    window.assert_none_after(settled, "CLUSTER FAILOVER");
+    let (checked, in_grace) =
+        assert_no_grant_after_revocation(&samples, &revoked, |g| env.grace(g));
+    assert!(
+        checked > 0,
+        "the load asked for revoked sessions after their revocation"
+    );
+    eprintln!(
+        "CLUSTER FAILOVER: {checked} requests for sessions after their revocation answered, none \
+         served (but by the local cache within its lifetime: latest {in_grace:?})"
+    );
+
+    // The new primary changed the fingerprint: the gateways replayed the
+    // revocation log, which removed the record put back.
+    for gw in gws {
+        time_to_401(gw, &lost, Duration::from_secs(5)).await;
+    }
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_under_load_costs_only_its_slots_for_a_bounded_time() {
+    let mut env = FaultEnv::start(&[None, None, Some(CACHE_TTL)], true).await;
+    // The primary holding the most of the load's sessions dies.
+    let mut by_primary: BTreeMap<String, HashSet<usize>> = BTreeMap::new();
+    for (i, token) in env.tokens.iter().enumerate() {
+        by_primary
+            .entry(env.owner_of_token(token).id)
+            .or_default()
+            .insert(i);
+    }
+    assert_eq!(
+        by_primary.len(),
+        3,
+        "the sessions spread over the three primaries"
+    );
+    let (dead_id, dead_tokens) = by_primary.into_iter().max_by_key(|(_, t)| t.len()).unwrap();
+    let dead = cluster_nodes(&env.cluster, env.any_port())
+        .into_iter()
+        .find(|n| n.id == dead_id)
+        .unwrap();
+    let replica = env.replica_of(&dead_id);
+
+    let load = Load::start(env.urls(), env.tokens.clone());
+    load.warm().await;
+    let fallbacks = env.counter_sum(FALLBACKS).await;
+    let fault = Instant::now();
+    env.cluster.kill(dead.port);
+    // Revocations through every gateway while the dead primary's slots
+    // have no primary (half of them on those slots, by chance).
+    let during = revoke_in_turn(
+        &env.gateways,
+        &env.victims[..VICTIMS / 2],
+        Duration::from_millis(100),
+    )
+    .await;
+    let ok_at = wait_cluster_ok(&env.cluster, &env.live_ports(), Duration::from_secs(20)).await;
+    assert!(
+        cluster_nodes(&env.cluster, replica.port)
+            .iter()
+            .any(|n| n.id == replica.id && n.primary),
+        "the dead primary's replica took over"
+    );
+    let settled = ok_at + SETTLE;
+    tokio::time::sleep_until((settled + Duration::from_secs(1)).into()).await;
+    let after = revoke_in_turn(
+        &env.gateways,
+        &env.victims[VICTIMS / 2..],
+        Duration::from_millis(20),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = load.stop().await;
+    let fallbacks = env.counter_sum(FALLBACKS).await - fallbacks;
+
+    let revoked: Vec<Revoked> = during.iter().chain(&after).copied().collect();
+    let window = Window::of(&samples, &revoked);
+    window.report("primary SIGKILL", fault);
+    eprintln!(
+        "primary SIGKILL: replica promoted, cluster ok {:?} after the kill; {fallbacks} lookups \
+         answered by PostgreSQL; slowest answer {:?}",
+        ok_at - fault,
+        samples
+            .iter()
+            .map(|s| s.answered - s.sent)
+            .max()
+            .unwrap_or_default()
+    );
+    let elsewhere: Vec<&Sample> = window
+        .failures
+        .iter()
+        .filter(|s| !dead_tokens.contains(&s.token))
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "{} non-200 for sessions on the primaries that stayed, the first {:?}",
+        elsewhere.len(),
+        elsewhere.first()
+    );
+    window.assert_none_after(settled, "primary SIGKILL");
+    let (checked, in_grace) =
+        assert_no_grant_after_revocation(&samples, &revoked, |g| env.grace(g));
+    assert!(
+        checked > 0,
+        "the load asked for revoked sessions after their revocation"
+    );
+    eprintln!(
+        "primary SIGKILL: {checked} requests for sessions after their revocation answered, none \
+         served (but by the local cache within its lifetime: latest {in_grace:?})"
+    );
+    for gw in &env.gateways {
+        gw.wait_ready(Duration::from_secs(10)).await;
+    }
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_reshard_under_load_answers_every_valid_session_200() {
+    const SLOTS: usize = 1000;
+    let env = FaultEnv::start(&[None, None, Some(CACHE_TTL)], true).await;
+    let any = env.any_port();
+    let primaries: Vec<NodeLine> = cluster_nodes(&env.cluster, any)
+        .into_iter()
+        .filter(|n| n.primary)
+        .collect();
+    let (from, to) = (primaries[0].clone(), primaries[1].clone());
+    // redis-cli moves the source's first slots.
+    let moving: HashSet<u16> = from
+        .slots
+        .iter()
+        .flat_map(|&(a, b)| a..=b)
+        .take(SLOTS)
+        .collect();
+    // Besides the load's sessions (a few of which move by chance), sessions
+    // on the slots that move: 8 that stay valid, 4 revoked while they move.
+    let mut tokens = (*env.tokens).clone();
+    let mut victims: Vec<(usize, String)> = env.victims[..VICTIMS / 2].to_vec();
+    let (mut movers, mut made) = (0, 0);
+    while movers < 12 {
+        assert!(made < 2_000, "no session key on the moving slots");
+        let (token, id) = admin_create(&env.gateways[made % 3], &format!("mover-{made}")).await;
+        made += 1;
+        if !moving.contains(&keyslot(&env.cluster, any, &env.key(&token))) {
+            continue;
+        }
+        if movers >= 8 {
+            victims.push((tokens.len(), id));
+        }
+        tokens.push(token);
+        movers += 1;
+    }
+    let owners_before: Vec<String> = tokens.iter().map(|t| env.owner_of_token(t).id).collect();
+
+    let load = Load::start(env.urls(), Arc::new(tokens.clone()));
+    load.warm().await;
+    let fault = Instant::now();
+    // 1,000 slots (6% of the key space) move from one primary to another
+    // while revocations go through every gateway.
+    let (from_id, to_id) = (from.id.clone(), to.id.clone());
+    let resharding =
+        tokio::task::spawn_blocking(move || reshard(any, &from_id, &to_id, SLOTS as u32));
+    let during = revoke_in_turn(&env.gateways, &victims, Duration::from_millis(20)).await;
+    resharding.await.expect("reshard");
+    let moved_in = fault.elapsed();
+    let after = revoke_in_turn(
+        &env.gateways,
+        &env.victims[VICTIMS / 2..],
+        Duration::from_millis(20),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let samples = load.stop().await;
+
+    let moved = tokens
+        .iter()
+        .zip(&owners_before)
+        .filter(|(t, before)| env.owner_of_token(t).id != **before)
+        .count();
+    let revoked: Vec<Revoked> = during.iter().chain(&after).copied().collect();
+    let window = Window::of(&samples, &revoked);
+    window.report("live reshard of 1000 slots", fault);
+    eprintln!(
+        "live reshard: {SLOTS} slots moved in {moved_in:?}, and {moved} of the load's {} sessions \
+         with them",
+        tokens.len()
+    );
+    assert!(
+        moved >= movers,
+        "the sessions on the moving slots moved: {moved}"
+    );
+    assert!(
+        window.failures.is_empty(),
+        "{} non-200 for valid sessions during the reshard, the first {:?}",
+        window.failures.len(),
+        window.failures.first()
+    );
+    let (checked, in_grace) =
+        assert_no_grant_after_revocation(&samples, &revoked, |g| env.grace(g));
+    assert!(
+        checked > 0,
+        "the load asked for revoked sessions after their revocation"
+    );
+    eprintln!(
+        "live reshard: {checked} requests for sessions after their revocation answered, none \
+         served (but by the local cache within its lifetime: latest {in_grace:?})"
+    );
+    env.finish().await;
+}
+
+/// That a revocation through `a` reaches `b`'s local cache by the
+/// invalidation channel within `bound`: first that `b` answers from its
+/// cache (a tombstone written behind its back does not stop it), then how
+/// long until it turns away a session revoked through `a`.
+async fn invalidation_reaches(env: &FaultEnv, a: &Gw, b: &Gw, bound: Duration) -> Duration {
+    let (control, _) = admin_create(a, "control").await;
+    // Twice: a first lookup that misses Redis restores from PostgreSQL
+    // without caching.
+    for _ in 0..2 {
+        assert_eq!(b.status("/", &control).await, 200, "B caches the control");
+    }
+    let mut conn = cluster_conn(&env.cluster).await;
+    let _: () = redis::cmd("SET")
+        .arg(env.key(&control))
+        .arg(&[0u8][..])
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.status("/", &control).await,
+        200,
+        "B answers from its cache"
+    );
+    let (token, id) = admin_create(a, "carol").await;
+    for _ in 0..2 {
+        assert_eq!(b.status("/", &token).await, 200, "B caches the session");
+    }
+    assert_eq!(
+        admin_delete(a, &format!("/v1/sessions/{id}"))
+            .await
+            .status(),
+        204,
+        "revoked through A"
+    );
+    time_to_401(b, &token, bound).await
+}
+
+/// The ports of the nodes on which someone subscribes to `channel`
+/// (`PUBSUB NUMSUB` counts the node's own clients only).
+fn subscribed_nodes(cluster: &RedisCluster, ports: &[u16], channel: &str) -> Vec<u16> {
+    ports
+        .iter()
+        .copied()
+        .filter(|&port| {
+            cluster
+                .cli(port, &["PUBSUB", "NUMSUB", channel])
+                .lines()
+                .nth(1)
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .unwrap_or(0)
+                > 0
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_keep_arriving_after_the_channel_slot_moves_and_its_node_is_killed() {
+    let cache = Some(Duration::from_secs(600));
+    let mut env = FaultEnv::start(&[], false).await;
+    // B first, alone: the node it subscribes through is then known.
+    let b = env.gateway(cache).await;
+    let channel = format!("{}invalidate", env.prefix);
+    let b_nodes = subscribed_nodes(&env.cluster, &env.live_ports(), &channel);
+    assert_eq!(b_nodes.len(), 1, "B subscribes through one node");
+    let a = env.gateway(cache).await;
+    let bound = Duration::from_secs(1);
+    let took = invalidation_reaches(&env, &a, &b, bound).await;
+    eprintln!("invalidation: B turned away a session revoked on A after {took:?}");
+
+    // The channel's slot moves to another primary. Classic pub/sub is not
+    // bound to a slot (sharded pub/sub would lose its subscribers here).
+    let any = env.any_port();
+    let slot = keyslot(&env.cluster, any, &channel);
+    let from = owner_of(&env.cluster, any, slot);
+    let to = cluster_nodes(&env.cluster, any)
+        .into_iter()
+        .find(|n| n.primary && n.id != from.id)
+        .unwrap();
+    move_slot(&env.cluster, slot, &to);
+    assert_eq!(
+        owner_of(&env.cluster, any, slot).id,
+        to.id,
+        "the slot moved"
+    );
+    let took = invalidation_reaches(&env, &a, &b, bound).await;
+    eprintln!("invalidation after the channel's slot {slot} moved: {took:?}");
+
+    // The node B subscribes through is killed.
+    let clears = counter(&b.metrics().await, "sessiongate_local_cache_clears_total ");
+    let killed = Instant::now();
+    env.cluster.kill(b_nodes[0]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(&b.metrics().await, "sessiongate_local_cache_clears_total ") <= clears {
+        assert!(Instant::now() < deadline, "B never dropped its cache");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_subscribed(&b, true).await;
+    eprintln!(
+        "invalidation: B's subscription node killed; B dropped its cache and resubscribed {:?} after",
+        killed.elapsed()
+    );
+    let live = env.live_ports();
+    wait_cluster_ok(&env.cluster, &live, Duration::from_secs(20)).await;
+    assert!(!subscribed_nodes(&env.cluster, &live, &channel).is_empty());
+    a.wait_ready(Duration::from_secs(10)).await;
+    b.wait_ready(Duration::from_secs(10)).await;
+    let took = invalidation_reaches(&env, &a, &b, bound).await;
+    eprintln!("invalidation after B's subscription node was killed: {took:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+    env.finish().await;
 }
