@@ -20,6 +20,10 @@ use serde::Deserialize;
 
 use crate::backend_tls::{self, TlsFile, UpstreamTls, UpstreamTlsFiles};
 
+/// Most `server.worker_threads`: each worker is an OS thread with its
+/// own runtime and upstream pools.
+const MAX_WORKER_THREADS: u64 = 1024;
+
 /// Every way a configuration can be wrong, each naming where and what.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -319,7 +323,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
-    /// Async worker threads; none = one per CPU core.
+    /// Per-core workers serving the proxy listener (`server.rs`); none =
+    /// one per CPU core in the binary, or serving on the caller's runtime
+    /// in the library (as 1 does).
     pub worker_threads: Option<usize>,
     /// Connections one client address may hold open at once.
     pub max_connections_per_client: usize,
@@ -669,10 +675,19 @@ impl Config {
                 10_000,
             ) as usize,
             shutdown_grace: Duration::from_millis(raw.server.shutdown_grace_ms.unwrap_or(30_000)),
-            worker_threads: raw
-                .server
-                .worker_threads
-                .map(|n| v.positive("server.worker_threads", Some(n), 1) as usize),
+            worker_threads: raw.server.worker_threads.map(|n| {
+                let n = v.positive("server.worker_threads", Some(n), 1);
+                if n > MAX_WORKER_THREADS {
+                    v.problem(
+                        "server.worker_threads",
+                        format!(
+                            "must be at most {MAX_WORKER_THREADS} (each worker is a thread with its own upstream connections; one per core is the most that helps)"
+                        ),
+                    );
+                    return 1;
+                }
+                n as usize
+            }),
             max_connections_per_client: v.positive(
                 "server.max_connections_per_client",
                 raw.server.max_connections_per_client,

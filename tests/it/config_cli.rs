@@ -500,6 +500,7 @@ fn from_toml_str_reports_every_problem_at_once() {
     let text = r#"
 [server]
 max_connections = 0
+worker_threads = 1025
 
 [admin]
 listen = "here"
@@ -536,6 +537,7 @@ upstream = "app"
     let keys: Vec<&str> = err.problems().iter().map(|p| p.key.as_str()).collect();
     for expected in [
         "server.max_connections",
+        "server.worker_threads",
         "admin.listen",
         "admin.token",
         "store.database_url",
