@@ -199,6 +199,16 @@ impl Commands {
     }
 }
 
+/// Takes (or renews) a claim unless another owner holds it.
+const CLAIM_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
 pub struct RedisTier {
     commands: Commands,
     /// Where a subscription is made: the server, or each seed in turn.
@@ -756,18 +766,19 @@ impl FastTier for RedisTier {
     }
 
     async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
-        let set: Option<String> = self
+        // Plain EVAL: a claim is made once per recovery, not per request.
+        let held: i64 = self
             .commands
             .query(
-                redis::cmd("SET")
+                redis::cmd("EVAL")
+                    .arg(CLAIM_SCRIPT)
+                    .arg(1)
                     .arg(format!("{}{name}", self.prefix))
                     .arg(owner)
-                    .arg("NX")
-                    .arg("PX")
                     .arg(ttl.as_millis() as u64),
             )
             .await?;
-        Ok(set.is_some())
+        Ok(held == 1)
     }
 
     async fn mark(&self, name: &str, ttl: Duration) -> StoreResult<()> {

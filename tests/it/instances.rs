@@ -468,3 +468,30 @@ async fn migrations_run_when_postgres_first_answers() {
     drop(link);
     db.drop_db().await;
 }
+
+/// The election's record in Redis: held by one owner at a time, renewed
+/// by its holder, taken over once it lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_claim_is_held_renewed_and_lapses() {
+    use sessiongate::store::FastTier;
+    let tier = redis_tier(SHARED_REDIS, &prefix());
+    let lease = Duration::from_millis(300);
+    assert!(tier.claim("replay:x", "a", lease).await.unwrap());
+    assert!(
+        !tier.claim("replay:x", "b", lease).await.unwrap(),
+        "held by a"
+    );
+    assert!(tier.claim("replay:x", "a", lease).await.unwrap(), "renewed");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !tier.claim("replay:x", "b", lease).await.unwrap() {
+        assert!(Instant::now() < deadline, "the claim never lapsed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !tier.claim("replay:x", "a", lease).await.unwrap(),
+        "b took over"
+    );
+    assert!(!tier.marked("replayed:x").await.unwrap());
+    tier.mark("replayed:x", lease).await.unwrap();
+    assert!(tier.marked("replayed:x").await.unwrap());
+}
