@@ -90,8 +90,26 @@ fn unavailable_sqlstate(code: &str) -> bool {
 /// a refused connection until the acquire timeout, then says
 /// `PoolTimedOut`.
 fn unreachable_server(e: &sqlx::Error) -> bool {
+    use std::io::ErrorKind;
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::PoolTimedOut => true,
+        // Not every I/O error: sqlx reports a TLS handshake that failed (an
+        // untrusted or misnamed certificate) as `InvalidData`, a
+        // misconfiguration that must stop the start.
+        sqlx::Error::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::NotConnected
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::TimedOut
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+                | ErrorKind::NetworkDown
+                | ErrorKind::AddrNotAvailable
+        ),
         sqlx::Error::Database(db) => db.code().is_some_and(|c| unavailable_sqlstate(&c)),
         _ => false,
     }
@@ -449,7 +467,33 @@ impl DurableTier for PostgresTier {
 
 #[cfg(test)]
 mod tests {
-    use super::unavailable_sqlstate;
+    use super::{unavailable_sqlstate, unreachable_server};
+
+    #[test]
+    fn only_a_server_not_there_defers_the_start() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::TimedOut,
+            ErrorKind::ConnectionReset,
+        ] {
+            assert!(
+                unreachable_server(&sqlx::Error::Io(Error::from(kind))),
+                "{kind:?}"
+            );
+        }
+        assert!(unreachable_server(&sqlx::Error::PoolTimedOut));
+        // A failed TLS handshake, as sqlx reports it.
+        let tls = Error::new(
+            ErrorKind::InvalidData,
+            "invalid peer certificate: UnknownIssuer",
+        );
+        assert!(!unreachable_server(&sqlx::Error::Io(tls)));
+        assert!(!unreachable_server(&sqlx::Error::Tls("bad CA file".into())));
+        assert!(!unreachable_server(&sqlx::Error::Configuration(
+            "bad URL".into()
+        )));
+    }
 
     #[test]
     fn failover_sqlstates_are_unavailability_and_request_errors_are_not() {

@@ -834,6 +834,24 @@ async fn postgres_with_an_untrusted_or_misnamed_certificate_fails_at_start() {
         "the password is redacted: {error}"
     );
     assert!(error.contains("postgres:****@"), "{error}");
+    // With session.token_secret a gateway may start while PostgreSQL is
+    // unreachable, but a certificate it refuses is no outage: still an error.
+    let error = start_error(
+        &config_text(
+            &upstream.url(),
+            &pg.url("127.0.0.1", "sslmode=verify-full"),
+            &format!("database_ca_file = {}", qp(&pki.other_ca)),
+            "",
+        )
+        .replacen(
+            "[session]\n",
+            "[session]\ntoken_secret = \"backend-tls-test-secret-0123456789abcdef\"\n",
+            1,
+        ),
+    )
+    .await;
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    assert!(!error.contains("token MAC key"), "not an outage: {error}");
 
     // The right CA, but a host name the certificate does not carry.
     let error = start_error(&config_text(
