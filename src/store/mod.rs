@@ -92,6 +92,13 @@
 //! 503): a session that is not durable is never handed out. The sqlx pool
 //! reconnects by itself when the database returns.
 //!
+//! A process can also *start* that way (`session.token_secret` set, so the
+//! token key is not read from the database): the start replay cannot read
+//! the log, so the fast tier is trusted only if another instance replayed
+//! the log into the very same server (its `replayed` mark); this
+//! instance's own replay, and the migrations (`deferred.rs`), run once the
+//! database answers.
+//!
 //! Backend errors are converted into [`StoreError`] at each backend's edge:
 //! no `sqlx` or `redis` type leaves its module.
 
