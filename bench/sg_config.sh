@@ -5,8 +5,10 @@
 #                 REDIS_URL LOCAL_CACHE_MS REDIS_PREFIX AUTH ROOT
 #
 # One worker thread, log level warn, one route `/` to the origin with AUTH.
-# REDIS_URL empty means the in-process tier. Unless AUTH is "none", the
-# [[policies]] are gateway.toml's own (ROOT's), with absolute plugin paths.
+# REDIS_URL empty means the in-process tier; a comma-separated list of URLs
+# means a Redis Cluster (store.redis_cluster_urls, the seed nodes). Unless
+# AUTH is "none", the [[policies]] are gateway.toml's own (ROOT's), with
+# absolute plugin paths.
 write_sg_config() {
     local file="$1" port="$2" admin_port="$3" admin_token="$4" origin_port="$5"
     local db="$6" redis="$7" cache_ms="$8" prefix="$9" auth="${10}" root="${11}"
@@ -24,7 +26,11 @@ token = "$admin_token"
 [store]
 database_url = "$db"
 CONF
-        if [[ -n "$redis" ]]; then
+        if [[ "$redis" == *,* ]]; then
+            # A comma-separated list: the seed nodes of a Redis Cluster.
+            printf 'redis_cluster_urls = [%s]\nlocal_cache_ttl_ms = %s\nredis_prefix = "%s"\n' \
+                "$(sed 's/[^,]*/"&"/g; s/,/, /g' <<<"$redis")" "$cache_ms" "$prefix"
+        elif [[ -n "$redis" ]]; then
             printf 'redis_url = "%s"\nlocal_cache_ttl_ms = %s\nredis_prefix = "%s"\n' \
                 "$redis" "$cache_ms" "$prefix"
         fi

@@ -1237,6 +1237,23 @@ impl FaultEnv {
     }
 }
 
+/// After a node loss, a gateway trusts the cluster again once the
+/// revocation log has been replayed into its new primaries, by one
+/// instance for all; if that instance's replay fails half-way, the others
+/// wait out its claim (`StoreOptions::replay_lease`, 30 s) first.
+const READY_AGAIN: Duration = Duration::from_secs(45);
+
+/// Waits (bounded by [`READY_AGAIN`]) until every gateway is ready;
+/// returns how long the slowest took.
+async fn wait_all_ready(gws: &[&Gw]) -> Duration {
+    let start = Instant::now();
+    for gw in gws {
+        gw.wait_ready(READY_AGAIN.saturating_sub(start.elapsed()))
+            .await;
+    }
+    start.elapsed()
+}
+
 /// Lookups answered by PostgreSQL: the fast tier skipped or failed.
 const FALLBACKS: &str = "sessiongate_store_lookups_total{tier=\"durable\",outcome=\"hit\"} ";
 
@@ -1421,9 +1438,10 @@ async fn a_primary_killed_under_load_costs_only_its_slots_for_a_bounded_time() {
         "primary SIGKILL: {checked} requests for sessions after their revocation answered, none \
          served (but by the local cache within its lifetime: latest {in_grace:?})"
     );
-    for gw in &env.gateways {
-        gw.wait_ready(Duration::from_secs(10)).await;
-    }
+    let ready = wait_all_ready(&env.gateways.iter().collect::<Vec<_>>()).await;
+    eprintln!(
+        "primary SIGKILL: every gateway ready (trusting the cluster) {ready:?} after the load stopped"
+    );
     env.finish().await;
 }
 
@@ -1626,8 +1644,8 @@ async fn invalidations_keep_arriving_after_the_channel_slot_moves_and_its_node_i
     let live = env.live_ports();
     wait_cluster_ok(&env.cluster, &live, Duration::from_secs(20)).await;
     assert!(!subscribed_nodes(&env.cluster, &live, &channel).is_empty());
-    a.wait_ready(Duration::from_secs(10)).await;
-    b.wait_ready(Duration::from_secs(10)).await;
+    let ready = wait_all_ready(&[&a, &b]).await;
+    eprintln!("invalidation: A and B ready again {ready:?} after the cluster was ok");
     let took = invalidation_reaches(&env, &a, &b, bound).await;
     eprintln!("invalidation after B's subscription node was killed: {took:?}");
     a.shutdown().await;
