@@ -46,7 +46,7 @@ use crate::limits::{ClientCounts, ConnBudget, ConnState};
 use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyChain};
 use crate::proxy::{Gateway, Peer};
-use crate::store::layered::LayeredTier;
+use crate::store::layered::{Announcing, LayeredTier};
 use crate::store::memory::MemoryTier;
 use crate::store::postgres::{PoolSettings, PostgresTier};
 use crate::store::redis::{RedisTier, RedisTls};
@@ -145,7 +145,13 @@ pub fn open_fast(config: &Config, metrics: &Metrics) -> Result<Arc<dyn FastTier>
     })?;
     let redis = Arc::new(redis);
     if store.local_cache_ttl.is_zero() {
-        Ok(redis)
+        // Other instances on this Redis may cache: they hear of this
+        // one's revocations too.
+        Ok(Arc::new(Announcing::new(
+            redis.clone(),
+            redis,
+            metrics.local_cache.clone(),
+        )))
     } else {
         Ok(Arc::new(LayeredTier::with_invalidations(
             redis.clone(),

@@ -251,23 +251,27 @@ impl LayeredTier {
         }
     }
 
-    /// Tells every instance (this one too) to drop its copies of `keys`.
-    /// The shared tier already holds the truth, so a failure here fails
-    /// nothing: the others then see it within their cache lifetime.
     async fn announce(&self, keys: &[TokenHash]) {
-        let Some(bus) = &self.bus else { return };
-        let metrics = &self.local.metrics;
-        for chunk in keys.chunks(MAX_BATCH) {
-            match bus.publish(encode_batch(chunk)).await {
-                Ok(()) => {
-                    metrics.invalidations_published.inc_by(chunk.len() as u64);
-                }
-                Err(e) => {
-                    metrics.publish_failures.inc();
-                    tracing::warn!(error = %e, sessions = chunk.len(),
-                        "could not announce invalidations to the other instances; \
-                         they drop their copies within store.local_cache_ttl_ms");
-                }
+        if let Some(bus) = &self.bus {
+            announce(bus.as_ref(), &self.local.metrics, keys).await;
+        }
+    }
+}
+
+/// Tells every instance (this one too) to drop its copies of `keys`.
+/// The shared tier already holds the truth, so a failure here fails
+/// nothing: the others then see it within their cache lifetime.
+async fn announce(bus: &dyn InvalidationBus, metrics: &LocalCacheMetrics, keys: &[TokenHash]) {
+    for chunk in keys.chunks(MAX_BATCH) {
+        match bus.publish(encode_batch(chunk)).await {
+            Ok(()) => {
+                metrics.invalidations_published.inc_by(chunk.len() as u64);
+            }
+            Err(e) => {
+                metrics.publish_failures.inc();
+                tracing::warn!(error = %e, sessions = chunk.len(),
+                    "could not announce invalidations to the other instances; \
+                     they drop their copies within store.local_cache_ttl_ms");
             }
         }
     }
@@ -411,6 +415,94 @@ impl FastTier for LayeredTier {
 
     fn drop_local(&self) {
         self.local.clear();
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.remote.ping().await
+    }
+
+    async fn instance_id(&self) -> StoreResult<Option<String>> {
+        self.remote.instance_id().await
+    }
+
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
+        self.remote.claim(name, owner, ttl).await
+    }
+
+    async fn mark(&self, name: &str, ttl: Duration) -> StoreResult<()> {
+        self.remote.mark(name, ttl).await
+    }
+
+    async fn marked(&self, name: &str) -> StoreResult<bool> {
+        self.remote.marked(name).await
+    }
+}
+
+/// A shared tier used without a local cache that still announces its
+/// revocations and removals on the bus: instances sharing the tier that do
+/// cache (`store.local_cache_ttl_ms`, perhaps mid-way through a rolling
+/// config change) then drop their copies at once, not after their
+/// lifetime. Refreshes are not announced: holding no copy, this instance
+/// cannot tell an earlier expiry from a later one, and announcing every
+/// activity write would cost a publish per flushed session.
+pub(crate) struct Announcing {
+    remote: Arc<dyn FastTier>,
+    bus: Arc<dyn InvalidationBus>,
+    metrics: LocalCacheMetrics,
+}
+
+impl Announcing {
+    pub(crate) fn new(
+        remote: Arc<dyn FastTier>,
+        bus: Arc<dyn InvalidationBus>,
+        metrics: LocalCacheMetrics,
+    ) -> Announcing {
+        Announcing {
+            remote,
+            bus,
+            metrics,
+        }
+    }
+}
+
+#[async_trait]
+impl FastTier for Announcing {
+    fn kind(&self) -> &'static str {
+        self.remote.kind()
+    }
+
+    async fn get(&self, key: &TokenHash) -> StoreResult<Cached> {
+        self.remote.get(key).await
+    }
+
+    async fn put(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
+        self.remote.put(key, session).await
+    }
+
+    async fn restore(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
+        self.remote.restore(key, session).await
+    }
+
+    async fn refresh(&self, key: &TokenHash, session: Arc<Session>) -> StoreResult<()> {
+        self.remote.refresh(key, session).await
+    }
+
+    async fn revoke(&self, entries: &[(TokenHash, i64)]) -> StoreResult<()> {
+        self.remote.revoke(entries).await?;
+        let keys: Vec<TokenHash> = entries.iter().map(|(key, _)| *key).collect();
+        announce(self.bus.as_ref(), &self.metrics, &keys).await;
+        Ok(())
+    }
+
+    async fn remove(&self, keys: &[TokenHash]) -> StoreResult<()> {
+        self.remote.remove(keys).await?;
+        announce(self.bus.as_ref(), &self.metrics, keys).await;
+        Ok(())
+    }
+
+    /// The replay: not announced (see [`FastTier::forget`]).
+    async fn forget(&self, keys: &[TokenHash]) -> StoreResult<()> {
+        self.remote.forget(keys).await
     }
 
     async fn ping(&self) -> StoreResult<()> {
