@@ -72,9 +72,8 @@ if ((DURATION < 1 || DURATION > 600 || ROUNDS < 1 || ROUNDS > 20 || SESSIONS < 1
 fi
 has_part() { [[ ",$PARTS," == *",$1,"* ]]; }
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 
 ORIGIN_PORT=18080
 REDIS_PORT=6395
@@ -86,68 +85,16 @@ PG_ADMIN="postgres://postgres@127.0.0.1:5432/postgres"
 PG_DB=sessiongate_cluster
 PG_URL="postgres://postgres@127.0.0.1:5432/$PG_DB"
 export PGCONNECT_TIMEOUT=5
-SG="$ROOT/target/release/sessiongate"
 
 for tool in wrk nginx redis-server redis-cli psql curl python3 taskset; do
     command -v "$tool" >/dev/null || die "$tool is missing (bench/load.sh installs what it needs)"
 done
-if [[ "$SKIP_BUILD" != 1 ]]; then
-    log "building sessiongate (release) and the policy plugins"
-    (cd "$ROOT" && cargo build --quiet --release --bin sessiongate && scripts/build-plugins.sh >/dev/null)
-fi
-[[ -x "$SG" ]] || die "$SG is missing (run without --skip-build)"
+build_release
 timeout 10 pg_isready -h 127.0.0.1 -p 5432 -q || die "PostgreSQL is not answering on 127.0.0.1:5432"
-for p in "$ORIGIN_PORT" "$REDIS_PORT" "${CLUSTER_PORTS[@]}" "${PORT[@]}" "${ADMIN[@]}"; do
-    port_open "$p" && die "127.0.0.1:$p is already in use (a previous run still going?)"
-done
+ports_free "$ORIGIN_PORT" "$REDIS_PORT" "${CLUSTER_PORTS[@]}" "${PORT[@]}" "${ADMIN[@]}"
 
-RUN="$(mktemp -d /tmp/sessiongate-cluster.XXXXXX)"
-mkdir -p "$RUN/logs" "$RUN/tmp" "$RUN/www"
-declare -A PID=()
-STARTED=()
-stop_pid() { # pid: TERM, up to 10 s, then KILL
-    local pid="$1" i
-    [[ -d /proc/$pid ]] || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        [[ -d /proc/$pid && "$(awk '{print $3}' /proc/"$pid"/stat 2>/dev/null)" != Z ]] || break
-        sleep 0.1
-    done
-    if [[ -d /proc/$pid && "$(awk '{print $3}' /proc/"$pid"/stat 2>/dev/null)" != Z ]]; then
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-    local rc=$? i
-    trap - EXIT INT TERM
-    # Stopping goes on whatever fails on the way.
-    set +e
-    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do stop_pid "${PID[${STARTED[$i]}]}"; done
-    if ((rc == 0)); then rm -rf "$RUN"; else log "logs kept in $RUN/logs"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-start() { # name cmd...: pinned to CPU 1
-    local name="$1"
-    shift
-    taskset -c 1 "$@" >"$RUN/logs/$name.log" 2>&1 &
-    PID[$name]=$!
-    STARTED+=("$name")
-}
-wait_port() { # name port
-    local i
-    for ((i = 0; i < 150; i++)); do
-        port_open "$2" && return 0
-        [[ -d /proc/${PID[$1]} ]] || break
-        sleep 0.1
-    done
-    tail -n 20 "$RUN/logs/$1.log" >&2 || true
-    die "$1 did not listen on 127.0.0.1:$2"
-}
+bench_run cluster
+START_PIN=1
 
 # ---------------------------------------------------------------- servers
 log "run directory $RUN"

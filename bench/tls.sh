@@ -63,74 +63,17 @@ declare -A ADMIN_PORT=([sg-tls]=18542 [sg-tls-auth]=18543)
 TARGETS=(nginx-tls sg-tls sg-tls-auth)
 ADMIN_TOKEN="bench-admin-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
 
-if [[ "$SKIP_INSTALL" != 1 ]]; then
-    pkgs=()
-    command -v nginx >/dev/null || pkgs+=(nginx)
-    command -v wrk >/dev/null || pkgs+=(wrk)
-    command -v curl >/dev/null || pkgs+=(curl)
-    command -v openssl >/dev/null || pkgs+=(openssl)
-    if ((${#pkgs[@]})); then
-        log "installing ${pkgs[*]}"
-        timeout 900 apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive timeout 1800 apt-get install -y -qq "${pkgs[@]}" >/dev/null
-    fi
-fi
-SG="$ROOT/target/release/sessiongate"
-if [[ "$SKIP_BUILD" != 1 ]]; then
-    log "building sessiongate (release) and the policy plugins"
-    (cd "$ROOT" && timeout 3600 cargo build --quiet --release --bin sessiongate)
-    (cd "$ROOT" && timeout 1800 scripts/build-plugins.sh)
-fi
-[[ -x "$SG" ]] || die "$SG is missing (run without --skip-build)"
+if [[ "$SKIP_INSTALL" != 1 ]]; then install_packages nginx wrk curl openssl; fi
+build_release
 
-RUN="$(mktemp -d /tmp/sessiongate-tls.XXXXXX)"
-mkdir -p "$RUN/logs" "$RUN/tmp" "$RUN/www"
+bench_run tls
+START_PIN=1
 [[ -n "$OUT_DIR" ]] || OUT_DIR="$BENCH/results/tls-$(date -u +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT_DIR"
-declare -A PID=()
-STARTED=()
-cleanup() {
-    local rc=$? i name pid
-    trap - EXIT INT TERM
-    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
-        name="${STARTED[$i]}"
-        pid="${PID[$name]}"
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do [[ -d /proc/$pid ]] || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if ((rc == 0)); then rm -rf "$RUN"; else log "logs kept in $RUN/logs"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-start() { # name cmd...
-    local name="$1"
-    shift
-    taskset -c 1 "$@" >"$RUN/logs/$name.log" 2>&1 &
-    PID[$name]=$!
-    STARTED+=("$name")
-}
-wait_port() { # name port
-    local i
-    for ((i = 0; i < 150; i++)); do
-        port_open "$2" && return 0
-        [[ -d /proc/${PID[$1]} ]] || break
-        sleep 0.1
-    done
-    tail -n 20 "$RUN/logs/$1.log" >&2 || true
-    die "$1 did not listen on 127.0.0.1:$2"
-}
-for p in "$ORIGIN_PORT" "${PORT[@]}" "${ADMIN_PORT[@]}"; do
-    if port_open "$p"; then die "127.0.0.1:$p is already in use"; fi
-done
+ports_free "$ORIGIN_PORT" "${PORT[@]}" "${ADMIN_PORT[@]}"
 
 "$ROOT/scripts/demo-cert.sh" "$RUN/tls" 2>/dev/null
 CA="$RUN/tls/ca.pem"
@@ -179,13 +122,6 @@ done
 got="$(curl -s --cacert "$CA" -o /dev/null -w '%{http_code}' "https://localhost:${PORT[sg-tls-auth]}/" || true)"
 [[ "$got" == 401 ]] || die "sg-tls-auth: GET / without a session: got $got, want 401"
 
-cpu_ticks() { # pid: utime + stime of the process, its threads and its children (nginx's worker)
-    local total=0 p
-    for p in "$1" $(cat /proc/"$1"/task/*/children 2>/dev/null); do
-        total=$((total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat" 2>/dev/null || echo 0)))
-    done
-    echo "$total"
-}
 TICK="$(getconf CLK_TCK)"
 results="$OUT_DIR/results.tsv"
 printf 'round\ttarget\tmode\treq_per_s\tp50_ms\tp99_ms\terrors\tproxy_cpu_us_per_req\n' >"$results"
