@@ -35,16 +35,18 @@
 //! `<prefix>invalidate`, and each subscriber holds one dedicated pub/sub
 //! connection to one node (the server; on a cluster each seed in turn,
 //! then the other nodes it knows of). A
-//! subscription proves itself end to end: every [`HEARTBEAT_INTERVAL`] it
-//! publishes a heartbeat carrying its own random nonce on the channel
-//! `<prefix>invalidate:heartbeat` and expects it back within
+//! subscription proves itself end to end: it also subscribes to a channel
+//! of its own, `<prefix>invalidate:heartbeat:<random nonce>`, publishes a
+//! heartbeat there every [`HEARTBEAT_INTERVAL`] (through the command
+//! connection: on a cluster, any node) and expects each back within
 //! [`HEARTBEAT_INTERVAL`] twice (or twice the Redis timeout if longer), so
 //! a connection that died silently (a partition), a node that was lost or
 //! a cluster bus that stopped carrying messages is noticed, and the
-//! layered tier drops its cache and subscribes again (elsewhere). The
-//! heartbeats have their own channel so that an instance of an older
-//! version, which reads every message on `<prefix>invalidate` as a batch
-//! of hashes, never sees one.
+//! layered tier drops its cache and subscribes again (elsewhere). A
+//! channel per subscription: no instance receives another's heartbeats
+//! (N instances cost N messages a second, not N²), and an instance of an
+//! older version, which reads every message on `<prefix>invalidate` as a
+//! batch of hashes, never sees one.
 //!
 //! With `rediss://` URLs both the command connections and every pub/sub
 //! connection go over TLS (rustls), verifying the server's certificate
@@ -217,7 +219,8 @@ pub struct RedisTier {
     refresh: redis::Script,
     prefix: String,
     channel: String,
-    heartbeat_channel: String,
+    /// Each subscription's heartbeat channel is this and its nonce.
+    heartbeat_prefix: String,
 }
 
 fn unavailable(address: &str, e: redis::RedisError) -> StoreError {
@@ -365,18 +368,13 @@ impl RedisTier {
             refresh: redis::Script::new(REFRESH_SCRIPT),
             prefix: prefix.to_string(),
             channel: format!("{prefix}invalidate"),
-            heartbeat_channel: format!("{prefix}invalidate:heartbeat"),
+            heartbeat_prefix: format!("{prefix}invalidate:heartbeat:"),
         }
     }
 
     /// The pub/sub channel of local-cache invalidations.
     pub fn invalidation_channel(&self) -> &str {
         &self.channel
-    }
-
-    /// The pub/sub channel of the subscriptions' heartbeats.
-    pub fn heartbeat_channel(&self) -> &str {
-        &self.heartbeat_channel
     }
 
     fn key(&self, hash: &TokenHash) -> String {
@@ -495,18 +493,21 @@ impl RedisTier {
     /// A pub/sub connection to one node, subscribed to both channels:
     /// the seeds in turn, starting after the last one used, then (all
     /// seeds lost) the other nodes the cluster knows of.
-    async fn subscribe_somewhere(&self) -> StoreResult<redis::aio::PubSub> {
+    async fn subscribe_somewhere(&self, heartbeat: &str) -> StoreResult<redis::aio::PubSub> {
         let n = self.nodes.len();
         let first = self.next_node.fetch_add(1, Ordering::Relaxed);
         let mut last_error = None;
         for i in 0..n {
-            match self.subscribe_on(&self.nodes[(first + i) % n]).await {
+            match self
+                .subscribe_on(&self.nodes[(first + i) % n], heartbeat)
+                .await
+            {
                 Ok(pubsub) => return Ok(pubsub),
                 Err(e) => last_error = Some(e),
             }
         }
         for client in self.other_nodes().await {
-            match self.subscribe_on(&client).await {
+            match self.subscribe_on(&client, heartbeat).await {
                 Ok(pubsub) => return Ok(pubsub),
                 Err(e) => last_error = Some(e),
             }
@@ -517,11 +518,15 @@ impl RedisTier {
         ))
     }
 
-    async fn subscribe_on(&self, client: &redis::Client) -> redis::RedisResult<redis::aio::PubSub> {
+    async fn subscribe_on(
+        &self,
+        client: &redis::Client,
+        heartbeat: &str,
+    ) -> redis::RedisResult<redis::aio::PubSub> {
         let subscribe = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub
-                .subscribe(&[&self.channel, &self.heartbeat_channel])
+                .subscribe(&[self.channel.as_str(), heartbeat])
                 .await?;
             Ok(pubsub)
         };
@@ -809,10 +814,11 @@ impl InvalidationBus for RedisTier {
     }
 
     async fn subscribe(&self) -> StoreResult<Box<dyn InvalidationFeed>> {
-        let pubsub = self.subscribe_somewhere().await?;
-        let (sink, stream) = pubsub.split();
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| invalid(&self.commands.address, e.to_string()))?;
+        let heartbeat_channel = format!("{}{}", self.heartbeat_prefix, hex(&nonce));
+        let pubsub = self.subscribe_somewhere(&heartbeat_channel).await?;
+        let (sink, stream) = pubsub.split();
         let mut beat = tokio::time::interval(HEARTBEAT_INTERVAL);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Box::new(RedisFeed {
@@ -820,8 +826,7 @@ impl InvalidationBus for RedisTier {
             stream,
             commands: self.commands.clone(),
             channel: self.channel.clone(),
-            heartbeat_channel: self.heartbeat_channel.clone(),
-            nonce: hex(&nonce),
+            heartbeat_channel,
             sent: 0,
             outstanding: BTreeMap::new(),
             beat,
@@ -849,10 +854,8 @@ struct RedisFeed {
     stream: PubSubStream,
     commands: Commands,
     channel: String,
+    /// This subscription's own (its nonce in the name).
     heartbeat_channel: String,
-    /// This subscription's own, so that another instance's heartbeats
-    /// (which every instance receives) prove nothing here.
-    nonce: String,
     sent: u64,
     /// Heartbeats published and not yet back, by number, with when they
     /// were published. At most `deadline / HEARTBEAT_INTERVAL + 1`.
@@ -862,18 +865,12 @@ struct RedisFeed {
 }
 
 impl RedisFeed {
-    fn heartbeat(&self, n: u64) -> String {
-        format!("{}:{n}", self.nonce)
-    }
-
-    /// A heartbeat came in: if it is one of ours, it is back.
+    /// A heartbeat came in: it is back.
     fn heard(&mut self, payload: &[u8]) {
-        let ours = std::str::from_utf8(payload)
+        if let Some(n) = std::str::from_utf8(payload)
             .ok()
-            .and_then(|p| p.strip_prefix(self.nonce.as_str()))
-            .and_then(|p| p.strip_prefix(':'))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(n) = ours {
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             self.outstanding.remove(&n);
         }
     }
@@ -881,7 +878,7 @@ impl RedisFeed {
     /// Publishes the next heartbeat.
     async fn beat(&mut self) {
         self.sent += 1;
-        let heartbeat = self.heartbeat(self.sent);
+        let heartbeat = self.sent.to_string();
         // A heartbeat that cannot be sent proves nothing either way; the
         // command connection's trouble is the hybrid store's to handle,
         // and an unproven subscription is dropped at the deadline.

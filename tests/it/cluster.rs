@@ -439,6 +439,143 @@ async fn two_workers_share_the_cluster_tier() {
     gw.shutdown().await;
 }
 
+/// A session key's slot and the invalidation channel's slot move to
+/// other primaries (a live reshard's steps): lookups follow the key (no
+/// error reaches the store), and a revocation's announcement still
+/// reaches the other gateway (classic pub/sub does not depend on slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_invalidations_follow_moved_slots() {
+    let cluster = RedisCluster::start().await;
+    let db = PgDb::create().await;
+    let upstream = TestUpstream::start().await;
+    let prefix = prefix();
+    let channel = format!("{prefix}invalidate");
+    // A reads Redis on every lookup (its local cache lives 1 ms) but
+    // announces its revocations; B keeps its copies until told.
+    let a = Gw::start(config(
+        &upstream,
+        &db.url(),
+        &cluster_store(&cluster.urls(), &prefix, "local_cache_ttl_ms = 1"),
+        "",
+    ))
+    .await;
+    let b = Gw::start(config(
+        &upstream,
+        &db.url(),
+        &cluster_store(&cluster.urls(), &prefix, "local_cache_ttl_ms = 600000"),
+        "",
+    ))
+    .await;
+    wait_subscribed(&a, true).await;
+    wait_subscribed(&b, true).await;
+    let (token, id) = admin_create(&a, "judy").await;
+    assert_eq!(a.status("/", &token).await, 200);
+    assert_eq!(b.status("/", &token).await, 200, "B caches the session");
+
+    let key = key_of(&prefix, &token);
+    for name in [key.as_str(), channel.as_str()] {
+        let slot = cluster.slot_of(name);
+        let from = cluster.owner_of(slot);
+        let to = cluster
+            .primaries()
+            .into_iter()
+            .find(|&p| p != from)
+            .unwrap();
+        let started = Instant::now();
+        let moved = cluster.move_slot(slot, to).await;
+        println!(
+            "slot {slot} of {name} moved from {from} to {to} ({moved} keys) in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(cluster.owner_of(slot), to);
+    }
+    assert_eq!(a.status("/", &token).await, 200, "the key followed");
+    assert_eq!(
+        admin_delete(&a, &format!("/v1/sessions/{id}"))
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(a.status("/", &token).await, 401);
+    time_to_401(&b, &token, Duration::from_secs(1)).await;
+    for gw in [&a, &b] {
+        let metrics = gw.metrics().await;
+        assert_eq!(fast_lookups(&metrics, "error"), 0.0, "{metrics}");
+        assert_eq!(
+            counter(
+                &metrics,
+                "sessiongate_local_cache_invalidation_publish_failures_total "
+            ),
+            0.0,
+            "{metrics}"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    db.drop_db().await;
+}
+
+/// A healthy subscription is never dropped by its heartbeat: over 5 s
+/// (five heartbeats) the local cache is not cleared again, and the
+/// subscription's own heartbeat channel is the only one there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_subscription_keeps_its_cache() {
+    let cluster = RedisCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = TestUpstream::start().await;
+    let prefix = prefix();
+    let gw = Gw::start(config(
+        &upstream,
+        &harness::database_url(&dir),
+        &cluster_store(&cluster.urls(), &prefix, "local_cache_ttl_ms = 600000"),
+        "",
+    ))
+    .await;
+    wait_subscribed(&gw, true).await;
+    let (token, _) = admin_create(&gw, "ivan").await;
+    assert_eq!(gw.status("/", &token).await, 200);
+    let clears = counter(&gw.metrics().await, "sessiongate_local_cache_clears_total ");
+    let heartbeat_channels = || {
+        cluster
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                cluster
+                    .cli(
+                        n.port,
+                        &[
+                            "PUBSUB",
+                            "CHANNELS",
+                            &format!("{prefix}invalidate:heartbeat:*"),
+                        ],
+                    )
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(heartbeat_channels().len(), 1, "{:?}", heartbeat_channels());
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let metrics = gw.metrics().await;
+        assert_eq!(
+            counter(&metrics, "sessiongate_local_cache_clears_total "),
+            clears,
+            "no resubscription: {metrics}"
+        );
+        assert_eq!(
+            counter(&metrics, "sessiongate_local_cache_subscribed "),
+            1.0
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let metrics = gw.metrics().await;
+    assert_eq!(fast_lookups(&metrics, "miss"), 0.0, "{metrics}");
+    gw.shutdown().await;
+}
+
 /// A gateway whose only seed is lost subscribes through another node the
 /// cluster knows of, and its invalidations keep arriving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1528,6 +1528,82 @@ impl ClusterNode {
             let _ = child.wait();
         }
     }
+
+    /// A node on fresh ports: a port that was free a moment ago may be
+    /// taken meanwhile (by another test), so a few tries.
+    async fn start_fresh() -> ClusterNode {
+        let mut last_error = String::new();
+        for _attempt in 0..5 {
+            let mut node = ClusterNode {
+                port: free_port(),
+                bus_port: free_port(),
+                dir: tempfile::tempdir().expect("tempdir"),
+                child: None,
+            };
+            node.launch();
+            match node.wait_up().await {
+                Ok(()) => return node,
+                Err(e) => {
+                    node.kill();
+                    last_error = e;
+                }
+            }
+        }
+        panic!("could not start a cluster node: {last_error}");
+    }
+
+    /// Waits (up to 10 s) until this very process answers on its port
+    /// (`INFO server` names its pid: not another test's server that took
+    /// the port); an error with its log if it exited (a port taken) or
+    /// never answered.
+    async fn wait_up(&mut self) -> Result<(), String> {
+        let pid = self.pid().ok_or("not launched")?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = redis_cli(self.port, &["INFO", "server"]);
+            if info.contains(&format!("process_id:{pid}\r"))
+                || info.contains(&format!("process_id:{pid}\n"))
+            {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(format!(
+                    "redis-server on port {} exited with {status}:\n{}",
+                    self.port,
+                    self.log()
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "redis-server on port {} did not answer:\n{}",
+                    self.port,
+                    self.log()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `redis-cli -p PORT ARGS...`: its output (errors included, as the text
+/// redis-cli prints).
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("redis-cli runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// `cluster-node-timeout` of the test clusters: a killed primary's
@@ -1547,17 +1623,7 @@ impl RedisCluster {
     pub async fn start() -> RedisCluster {
         let mut cluster = RedisCluster { nodes: Vec::new() };
         for _ in 0..6 {
-            let mut node = ClusterNode {
-                port: free_port(),
-                bus_port: free_port(),
-                dir: tempfile::tempdir().expect("tempdir"),
-                child: None,
-            };
-            node.launch();
-            cluster.nodes.push(node);
-        }
-        for node in &cluster.nodes {
-            cluster.wait_answering(node.port).await;
+            cluster.nodes.push(ClusterNode::start_fresh().await);
         }
         let addresses: Vec<String> = cluster
             .nodes
@@ -1580,17 +1646,6 @@ impl RedisCluster {
         );
         cluster.wait_ok(Duration::from_secs(30)).await;
         cluster
-    }
-
-    async fn wait_answering(&self, port: u16) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.cli(port, &["PING"]).trim() != "PONG" {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server on port {port} did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     /// Waits until every running node says `cluster_state:ok` and knows
@@ -1629,17 +1684,7 @@ impl RedisCluster {
     /// `redis-cli -p PORT ARGS...`: its output (errors included, as the
     /// text redis-cli prints).
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("redis-cli runs");
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        redis_cli(port, args)
     }
 
     /// The seed URLs (every node's).
@@ -1748,6 +1793,108 @@ impl RedisCluster {
             .kill();
     }
 
+    /// The cluster node id of the node on `port`.
+    pub fn node_id(&self, port: u16) -> String {
+        self.cli(port, &["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// The hash slot of `key` (or of a channel name).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let port = self.primaries()[0];
+        let out = self.cli(port, &["CLUSTER", "KEYSLOT", key]);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT {key}: {out}"))
+    }
+
+    /// The port of the primary serving `slot`, per `CLUSTER NODES` (its
+    /// slot ranges: `a-b` or `a`; `[a->-id]` marks a migration under way).
+    pub fn owner_of(&self, slot: u16) -> u16 {
+        let port = self.primaries()[0];
+        let nodes = self.cli(port, &["CLUSTER", "NODES"]);
+        nodes
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.len() < 9 || !fields[2].contains("master") {
+                    return None;
+                }
+                let serves = fields[8..].iter().any(|range| {
+                    let bounds = match range.split_once('-') {
+                        Some((a, b)) => a.parse().ok().zip(b.parse().ok()),
+                        None => range.parse().ok().map(|a| (a, a)),
+                    };
+                    bounds.is_some_and(|(a, b): (u16, u16)| (a..=b).contains(&slot))
+                });
+                if !serves {
+                    return None;
+                }
+                fields[1].split(['@', ':']).nth(1)?.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no owner of slot {slot} in:\n{nodes}"))
+    }
+
+    /// Moves one slot, with its keys, to the primary on `to` (the steps of
+    /// a live reshard: IMPORTING/MIGRATING, `MIGRATE` in batches, then
+    /// `SETSLOT NODE` on every primary). Returns how many keys moved.
+    pub async fn move_slot(&self, slot: u16, to: u16) -> usize {
+        let from = self.owner_of(slot);
+        assert_ne!(from, to, "slot {slot} is already on {to}");
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let slot_arg = slot.to_string();
+        let ok = |port: u16, args: &[&str]| {
+            let out = self.cli(port, args);
+            assert_eq!(out.trim(), "OK", "{args:?} on {port}: {out}");
+        };
+        ok(
+            to,
+            &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id],
+        );
+        ok(
+            from,
+            &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id],
+        );
+        let mut moved = 0;
+        for _ in 0..10_000 {
+            let out = self.cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100"]);
+            let keys: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let to_port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(&keys);
+            ok(from, &args);
+            moved += keys.len();
+        }
+        for port in self.primaries() {
+            ok(port, &["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]);
+        }
+        self.wait_ok(Duration::from_secs(10)).await;
+        moved
+    }
+
+    /// `redis-cli --cluster reshard`: moves `slots` slots from the primary
+    /// on `from` to the one on `to`, keys included.
+    pub async fn reshard(&self, from: u16, to: u16, slots: u32) {
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+            .args(["--cluster-from", &self.node_id(from)])
+            .args(["--cluster-to", &self.node_id(to)])
+            .args(["--cluster-slots", &slots.to_string()])
+            .arg("--cluster-yes")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster reshard failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_ok(Duration::from_secs(10)).await;
+    }
+
     /// Kills every node (SIGKILL, by pid): the whole cluster is down.
     pub fn kill_all(&mut self) {
         for node in &mut self.nodes {
@@ -1763,8 +1910,8 @@ impl RedisCluster {
                 node.launch();
             }
         }
-        for node in &self.nodes {
-            self.wait_answering(node.port).await;
+        for node in &mut self.nodes {
+            node.wait_up().await.unwrap_or_else(|e| panic!("{e}"));
         }
         self.wait_ok(Duration::from_secs(30)).await;
     }
@@ -1799,7 +1946,7 @@ impl RedisCluster {
             .unwrap_or_else(|| panic!("no node on port {port}"));
         node.kill();
         node.launch();
-        self.wait_answering(port).await;
+        node.wait_up().await.unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// `CLUSTER FAILOVER` on the replica on `replica`, then waits until it
