@@ -59,6 +59,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
@@ -83,6 +84,11 @@ const BATCH: usize = 500;
 const BATCHES_IN_FLIGHT: usize = 16;
 /// Nodes beyond the seeds tried for a subscription.
 const MAX_OTHER_NODES: usize = 16;
+/// Heartbeat deadlines a subscription may go without any heartbeat back
+/// (some could not be published) before it is given up.
+const UNPROVEN_LIMIT: u32 = 3;
+/// How often a cluster connection may be made afresh.
+const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 /// Attempts at a publication, each on a node picked at random in a
 /// cluster (one may be down); within one Redis timeout in all.
 const PUBLISH_ATTEMPTS: usize = 2;
@@ -136,12 +142,21 @@ impl redis::aio::ConnectionLike for Connection {
 }
 
 /// Runs commands on the command connection, each bounded by the timeout.
-/// Cheap to clone: the subscriptions hold one to publish their heartbeats.
+/// Cheap to clone, and the clones share the connection (the subscriptions
+/// hold one to publish their heartbeats).
 #[derive(Clone)]
 struct Commands {
-    conn: Connection,
+    conn: Arc<ArcSwap<Connection>>,
+    /// A cluster's client, to connect afresh ([`Commands::renew`]).
+    cluster: Option<Arc<Renewal>>,
     address: String,
     timeout: Duration,
+}
+
+/// What [`Commands::renew`] needs.
+struct Renewal {
+    client: redis::cluster::ClusterClient,
+    last: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 fn timed_out() -> redis::RedisError {
@@ -152,9 +167,40 @@ fn timed_out() -> redis::RedisError {
 }
 
 impl Commands {
+    fn conn(&self) -> Connection {
+        Connection::clone(&self.conn.load())
+    }
+
+    /// A cluster connection made afresh, its topology read again from the
+    /// seeds, at most once per [`RENEW_AT_MOST_EVERY`]. The cluster client
+    /// learns a new topology from `MOVED` answers, and a command for a
+    /// failed primary's slots is served by its promoted replica without
+    /// one: a client that sent nothing else keeps the old primary in its
+    /// map, and the commands sent to every primary (the fingerprint, the
+    /// health check) keep failing. Commands under way finish on the old
+    /// connection.
+    fn renew(&self) {
+        let Some(renewal) = &self.cluster else {
+            return;
+        };
+        {
+            let mut last = renewal.last.lock().expect("renewal lock");
+            let now = tokio::time::Instant::now();
+            if last.is_some_and(|at| now.duration_since(at) < RENEW_AT_MOST_EVERY) {
+                return;
+            }
+            *last = Some(now);
+        }
+        tracing::info!(address = %self.address, "reconnecting to the Redis Cluster");
+        let conn = renewal
+            .client
+            .get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new());
+        self.conn.store(Arc::new(Connection::Cluster(conn)));
+    }
+
     /// One command, routed by its key (a keyless one: anywhere).
     async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         tokio::time::timeout(self.timeout, cmd.query_async(&mut conn))
             .await
             .unwrap_or_else(|_| Err(timed_out()))
@@ -168,36 +214,34 @@ impl Commands {
 
     /// A pipeline whose keys are all in one hash slot.
     async fn pipeline(&self, pipe: &redis::Pipeline) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn))
             .await
             .unwrap_or_else(|_| Err(timed_out()))
             .map_err(|e| unavailable(&self.address, e))
     }
 
-    /// `PUBLISH`: on any node of a cluster (classic pub/sub reaches the
-    /// subscribers of every node), another one if the first fails.
+    /// `PUBLISH`: on a cluster, on a primary picked at random (classic
+    /// pub/sub reaches the subscribers of every node), and another one if
+    /// the first fails; each attempt has its share of the timeout, so
+    /// that a node that does not answer does not use it all.
     async fn publish(&self, channel: &str, payload: &[u8]) -> StoreResult<()> {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(channel).arg(payload);
-        let Connection::Cluster(conn) = &self.conn else {
+        let Connection::Cluster(mut conn) = self.conn() else {
             return self.query::<i64>(&cmd).await.map(drop);
         };
-        let attempts = async {
-            let mut last = None;
-            for _ in 0..PUBLISH_ATTEMPTS {
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-                match conn.clone().route_command(cmd.clone(), routing).await {
-                    Ok(_) => return Ok(()),
-                    Err(e) => last = Some(e),
-                }
+        let mut last = None;
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+            let attempt = conn.route_command(cmd.clone(), routing);
+            match tokio::time::timeout(self.timeout / PUBLISH_ATTEMPTS as u32, attempt).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(timed_out()),
             }
-            Err(last.unwrap_or_else(timed_out))
-        };
-        tokio::time::timeout(self.timeout, attempts)
-            .await
-            .unwrap_or_else(|_| Err(timed_out()))
-            .map_err(|e| unavailable(&self.address, e))
+        }
+        Err(unavailable(&self.address, last.unwrap_or_else(timed_out)))
     }
 }
 
@@ -294,6 +338,7 @@ impl RedisTier {
             .map_err(|e| unavailable(&address, e))?;
         Ok(Self::new(
             Connection::Single(conn),
+            None,
             vec![client],
             address,
             prefix,
@@ -343,6 +388,7 @@ impl RedisTier {
             client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new());
         Ok(Self::new(
             Connection::Cluster(conn),
+            Some(client),
             nodes,
             address,
             prefix,
@@ -352,6 +398,7 @@ impl RedisTier {
 
     fn new(
         conn: Connection,
+        cluster: Option<redis::cluster::ClusterClient>,
         nodes: Vec<redis::Client>,
         address: String,
         prefix: &str,
@@ -359,7 +406,13 @@ impl RedisTier {
     ) -> RedisTier {
         RedisTier {
             commands: Commands {
-                conn,
+                conn: Arc::new(ArcSwap::from_pointee(conn)),
+                cluster: cluster.map(|client| {
+                    Arc::new(Renewal {
+                        client,
+                        last: std::sync::Mutex::new(None),
+                    })
+                }),
                 address,
                 timeout,
             },
@@ -422,9 +475,9 @@ impl RedisTier {
         hash: impl Fn(&T) -> &TokenHash,
     ) -> Vec<Vec<(String, &'a T)>> {
         let keyed = items.iter().map(|item| (self.key(hash(item)), item));
-        let groups: Vec<Vec<(String, &T)>> = match &self.commands.conn {
-            Connection::Single(_) => vec![keyed.collect()],
-            Connection::Cluster(_) => {
+        let groups: Vec<Vec<(String, &T)>> = match self.commands.cluster {
+            None => vec![keyed.collect()],
+            Some(_) => {
                 let mut by_slot: HashMap<Slot, Vec<(String, &T)>> = HashMap::new();
                 for (key, item) in keyed {
                     by_slot
@@ -460,34 +513,85 @@ impl RedisTier {
         Ok(())
     }
 
-    /// The fingerprint of a cluster: every primary's `run_id` and role,
-    /// sorted. A promoted replica brings its own run_id; a former primary
-    /// the client still routes to reports its new role.
-    async fn cluster_fingerprint(&self, conn: &ClusterConnection) -> redis::RedisResult<String> {
-        let mut cmd = redis::cmd("INFO");
-        cmd.arg("server").arg("replication");
-        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-        let answers = tokio::time::timeout(
-            self.commands.timeout,
-            conn.clone().route_command(cmd, routing),
-        )
-        .await
-        .unwrap_or_else(|_| Err(timed_out()))?;
-        let answers: BTreeMap<String, String> = redis::from_redis_value(answers)?;
-        let mut ids: Vec<String> = answers
-            .values()
-            .map(|info| {
-                let field = |name: &str| {
-                    info.lines()
-                        .find_map(|l| l.strip_prefix(name))
-                        .map_or("", str::trim)
-                        .to_string()
-                };
-                format!("{}:{}", field("run_id:"), field("role:"))
-            })
-            .collect();
-        ids.sort();
-        Ok(ids.join(","))
+    /// The fingerprint of a cluster: every primary's `run_id`, sorted (a
+    /// promoted replica brings its own), read from the nodes the client
+    /// routes to as primaries. If one of them says it is a replica, or
+    /// they are fewer than the primaries the cluster counts (`CLUSTER
+    /// INFO`'s `cluster_size`: the client skips a node it lost), the
+    /// client's map is out of date (a failover it has not heard of): the
+    /// connection is made afresh and asked once more, so that every
+    /// instance settles on the same fingerprint, the cluster's.
+    async fn cluster_fingerprint(&self) -> redis::RedisResult<String> {
+        for attempt in 0..2 {
+            let Connection::Cluster(conn) = self.commands.conn() else {
+                unreachable!("a cluster's connection");
+            };
+            let answers = match self.primaries_info(conn).await {
+                Ok((answers, size)) if answers.len() != size => {
+                    if attempt == 0 {
+                        self.commands.renew();
+                    }
+                    continue;
+                }
+                Ok((answers, _)) => answers,
+                Err(e) => {
+                    // Perhaps a primary the client still routes to is
+                    // gone (see `Commands::renew`).
+                    self.commands.renew();
+                    return Err(e);
+                }
+            };
+            let field = |info: &str, name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map_or(String::new(), |v| v.trim().to_string())
+            };
+            if answers
+                .values()
+                .all(|info| field(info, "role:") == "master")
+            {
+                let mut ids: Vec<String> = answers
+                    .values()
+                    .map(|info| field(info, "run_id:"))
+                    .collect();
+                ids.sort();
+                return Ok(ids.join(","));
+            }
+            if attempt == 0 {
+                self.commands.renew();
+            }
+        }
+        Err(redis::RedisError::from(std::io::Error::other(
+            "the cluster's primaries changed (a failover); reading them again",
+        )))
+    }
+
+    /// `INFO server replication` of every primary the client knows, by
+    /// address, and how many primaries the cluster counts.
+    async fn primaries_info(
+        &self,
+        mut conn: ClusterConnection,
+    ) -> redis::RedisResult<(BTreeMap<String, String>, usize)> {
+        let mut info = redis::cmd("INFO");
+        info.arg("server").arg("replication");
+        let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        let mut cluster_info = redis::cmd("CLUSTER");
+        cluster_info.arg("INFO");
+        let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+        let both = async {
+            let answers = conn.clone().route_command(info, all).await?;
+            let cluster_info: String =
+                redis::from_redis_value(conn.route_command(cluster_info, any).await?)?;
+            let size = cluster_info
+                .lines()
+                .find_map(|l| l.strip_prefix("cluster_size:"))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+            Ok((redis::from_redis_value(answers)?, size))
+        };
+        tokio::time::timeout(self.commands.timeout, both)
+            .await
+            .unwrap_or_else(|_| Err(timed_out()))
     }
 
     /// A pub/sub connection to one node, subscribed to both channels:
@@ -541,7 +645,7 @@ impl RedisTier {
     /// first seed (its TLS and credentials); none on a single server or
     /// when no node answers.
     async fn other_nodes(&self) -> Vec<redis::Client> {
-        let (Connection::Cluster(_), Some(seed)) = (&self.commands.conn, self.nodes.first()) else {
+        let (Some(_), Some(seed)) = (&self.commands.cluster, self.nodes.first()) else {
             return Vec::new();
         };
         let nodes: String = match self
@@ -750,15 +854,15 @@ impl FastTier for RedisTier {
     }
 
     async fn instance_id(&self) -> StoreResult<Option<String>> {
-        let info: String = match &self.commands.conn {
+        let info: String = match self.commands.conn() {
             Connection::Single(_) => {
                 self.commands
                     .query(redis::cmd("INFO").arg("server"))
                     .await?
             }
-            Connection::Cluster(conn) => {
+            Connection::Cluster(_) => {
                 return self
-                    .cluster_fingerprint(conn)
+                    .cluster_fingerprint()
                     .await
                     .map(Some)
                     .map_err(|e| unavailable(&self.commands.address, e));
@@ -829,6 +933,7 @@ impl InvalidationBus for RedisTier {
             heartbeat_channel,
             sent: 0,
             outstanding: BTreeMap::new(),
+            proven_at: tokio::time::Instant::now(),
             beat,
             deadline: HEARTBEAT_INTERVAL.max(self.commands.timeout) * 2,
         }))
@@ -860,6 +965,8 @@ struct RedisFeed {
     /// Heartbeats published and not yet back, by number, with when they
     /// were published. At most `deadline / HEARTBEAT_INTERVAL + 1`.
     outstanding: BTreeMap<u64, tokio::time::Instant>,
+    /// When a heartbeat last came back (or the subscription was made).
+    proven_at: tokio::time::Instant,
     beat: tokio::time::Interval,
     deadline: Duration,
 }
@@ -870,8 +977,9 @@ impl RedisFeed {
         if let Some(n) = std::str::from_utf8(payload)
             .ok()
             .and_then(|n| n.parse::<u64>().ok())
+            && self.outstanding.remove(&n).is_some()
         {
-            self.outstanding.remove(&n);
+            self.proven_at = tokio::time::Instant::now();
         }
     }
 
@@ -879,18 +987,31 @@ impl RedisFeed {
     async fn beat(&mut self) {
         self.sent += 1;
         let heartbeat = self.sent.to_string();
-        // A heartbeat that cannot be sent proves nothing either way; the
-        // command connection's trouble is the hybrid store's to handle,
-        // and an unproven subscription is dropped at the deadline.
-        if let Err(e) = self
+        let sent_at = tokio::time::Instant::now();
+        match self
             .commands
             .publish(&self.heartbeat_channel, heartbeat.as_bytes())
             .await
         {
-            tracing::debug!(error = %e, "could not publish a subscription heartbeat");
+            Ok(()) => {
+                self.outstanding.insert(self.sent, sent_at);
+            }
+            // A heartbeat that could not be sent proves nothing about the
+            // subscription (a node of the command connection is down, or
+            // the whole fast tier: the hybrid store's to handle); only
+            // when none has come back for [`UNPROVEN_LIMIT`] deadlines is
+            // the subscription given up.
+            Err(e) => tracing::debug!(error = %e, "could not publish a subscription heartbeat"),
         }
-        self.outstanding
-            .insert(self.sent, tokio::time::Instant::now());
+    }
+
+    /// When the subscription is given up unless a heartbeat comes back.
+    fn due(&self) -> tokio::time::Instant {
+        let unproven = self.proven_at + self.deadline * UNPROVEN_LIMIT;
+        match self.outstanding.first_key_value() {
+            Some((_, sent_at)) => unproven.min(*sent_at + self.deadline),
+            None => unproven,
+        }
     }
 }
 
@@ -898,10 +1019,7 @@ impl RedisFeed {
 impl InvalidationFeed for RedisFeed {
     async fn next(&mut self) -> StoreResult<Vec<u8>> {
         loop {
-            let due = self
-                .outstanding
-                .first_key_value()
-                .map(|(_, sent_at)| *sent_at + self.deadline);
+            let due = self.due();
             tokio::select! {
                 message = self.stream.next() => {
                     let Some(message) = message else {
@@ -921,7 +1039,7 @@ impl InvalidationFeed for RedisFeed {
                 // reports nothing; a node lost, or a cluster bus that no
                 // longer carries messages, neither: only a heartbeat that
                 // does not come back tells.
-                () = overdue(due) => {
+                () = tokio::time::sleep_until(due) => {
                     return Err(lost(
                         &self.commands.address,
                         &format!(
@@ -932,14 +1050,6 @@ impl InvalidationFeed for RedisFeed {
                 }
             }
         }
-    }
-}
-
-/// Ready at `due`; never without one.
-async fn overdue(due: Option<tokio::time::Instant>) {
-    match due {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
