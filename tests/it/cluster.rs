@@ -15,7 +15,7 @@ use redis::AsyncCommands;
 use serde_json::Value;
 use sessiongate::config::Config;
 
-use crate::harness::{self, ADMIN_TOKEN, RedisCluster, TestUpstream};
+use crate::harness::{self, ADMIN_TOKEN, NodeLine, RedisCluster, TestUpstream};
 use crate::hybrid::{
     Gw, PgDb, admin_create, admin_delete, config, counter, prefix, time_to_401, token_hash,
     wait_subscribed,
@@ -1085,50 +1085,6 @@ fn assert_no_grant_after_revocation(
 // The cluster as `CLUSTER NODES` tells it.
 // ---------------------------------------------------------------------------
 
-/// One line of `CLUSTER NODES`.
-#[derive(Debug, Clone)]
-struct NodeLine {
-    id: String,
-    port: u16,
-    primary: bool,
-    /// A replica's primary.
-    primary_id: Option<String>,
-    failed: bool,
-    slots: Vec<(u16, u16)>,
-}
-
-/// The cluster as the node on `port` sees it (failed nodes included).
-fn cluster_nodes(cluster: &RedisCluster, port: u16) -> Vec<NodeLine> {
-    cluster
-        .cli(port, &["CLUSTER", "NODES"])
-        .lines()
-        .filter_map(|line| {
-            // <id> <ip:port@bus> <flags> <primary> <ping> <pong> <epoch> <link> <slot>...
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 8 {
-                return None;
-            }
-            let flags: Vec<&str> = f[2].split(',').collect();
-            let slots = f[8..]
-                .iter()
-                .filter(|s| !s.starts_with('['))
-                .filter_map(|s| match s.split_once('-') {
-                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-                    None => s.parse().ok().map(|n| (n, n)),
-                })
-                .collect();
-            Some(NodeLine {
-                id: f[0].to_string(),
-                port: f[1].split(['@', ':']).nth(1)?.parse().ok()?,
-                primary: flags.contains(&"master"),
-                primary_id: (f[3] != "-").then(|| f[3].to_string()),
-                failed: flags.contains(&"fail") || flags.contains(&"fail?"),
-                slots,
-            })
-        })
-        .collect()
-}
-
 fn keyslot(cluster: &RedisCluster, port: u16, key: &str) -> u16 {
     let out = cluster.cli(port, &["CLUSTER", "KEYSLOT", key]);
     out.trim()
@@ -1138,9 +1094,10 @@ fn keyslot(cluster: &RedisCluster, port: u16, key: &str) -> u16 {
 
 /// The primary serving `slot`, as the node on `port` sees it.
 fn owner_of(cluster: &RedisCluster, port: u16, slot: u16) -> NodeLine {
-    cluster_nodes(cluster, port)
+    cluster
+        .nodes_seen_from(port)
         .into_iter()
-        .find(|n| n.primary && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+        .find(|n| n.primary && n.serves(slot))
         .unwrap_or_else(|| panic!("no primary serves slot {slot}"))
 }
 
@@ -1154,7 +1111,7 @@ async fn wait_cluster_ok(cluster: &RedisCluster, ports: &[u16], within: Duration
             cluster
                 .cli(port, &["CLUSTER", "INFO"])
                 .contains("cluster_state:ok")
-                && !cluster_nodes(cluster, port).iter().any(|n| {
+                && !cluster.nodes_seen_from(port).iter().any(|n| {
                     n.primary && !n.slots.is_empty() && (n.failed || !ports.contains(&n.port))
                 })
         });
@@ -1166,66 +1123,6 @@ async fn wait_cluster_ok(cluster: &RedisCluster, ports: &[u16], within: Duration
             "the cluster was not ok again within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// `redis-cli --cluster reshard`: `slots` slots from the primary `from` to
-/// the primary `to` (node ids), key by key, as an operator would.
-fn reshard(port: u16, from: &str, to: &str, slots: u32) {
-    let out = Command::new("redis-cli")
-        .args(["--cluster", "reshard", &format!("127.0.0.1:{port}")])
-        .args(["--cluster-from", from, "--cluster-to", to])
-        .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("redis-cli runs");
-    assert!(
-        out.status.success(),
-        "reshard failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Moves one chosen slot, keys included, to the primary `to`, with the
-/// `CLUSTER SETSLOT` / `MIGRATE` steps of `redis-cli --cluster reshard`
-/// (which cannot be told which slots to move).
-fn move_slot(cluster: &RedisCluster, slot: u16, to: &NodeLine) {
-    let from = owner_of(cluster, to.port, slot);
-    assert_ne!(from.id, to.id, "slot {slot} is on {} already", to.port);
-    let ok = |out: String, what: &str| assert_eq!(out.trim(), "OK", "{what}: {out}");
-    let s = slot.to_string();
-    ok(
-        cluster.cli(to.port, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from.id]),
-        "IMPORTING",
-    );
-    ok(
-        cluster.cli(from.port, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to.id]),
-        "MIGRATING",
-    );
-    for _ in 0..1_000 {
-        let keys = cluster.cli(from.port, &["CLUSTER", "GETKEYSINSLOT", &s, "100"]);
-        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
-        if keys.is_empty() {
-            break;
-        }
-        let port = to.port.to_string();
-        let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-        args.extend(&keys);
-        ok(cluster.cli(from.port, &args), "MIGRATE");
-    }
-    // The new owner first, as redis-cli does, then the other primaries.
-    ok(
-        cluster.cli(to.port, &["CLUSTER", "SETSLOT", &s, "NODE", &to.id]),
-        "SETSLOT NODE",
-    );
-    for node in cluster_nodes(cluster, to.port) {
-        if node.primary && !node.failed && node.id != to.id {
-            ok(
-                cluster.cli(node.port, &["CLUSTER", "SETSLOT", &s, "NODE", &to.id]),
-                "SETSLOT NODE",
-            );
-        }
     }
 }
 
@@ -1349,7 +1246,8 @@ impl FaultEnv {
     }
 
     fn replica_of(&self, primary_id: &str) -> NodeLine {
-        cluster_nodes(&self.cluster, self.any_port())
+        self.cluster
+            .nodes_seen_from(self.any_port())
             .into_iter()
             .find(|n| !n.primary && !n.failed && n.primary_id.as_deref() == Some(primary_id))
             .expect("the primary has a replica")
@@ -1500,7 +1398,9 @@ async fn a_primary_killed_under_load_costs_only_its_slots_for_a_bounded_time() {
         "the sessions spread over the three primaries"
     );
     let (dead_id, dead_tokens) = by_primary.into_iter().max_by_key(|(_, t)| t.len()).unwrap();
-    let dead = cluster_nodes(&env.cluster, env.any_port())
+    let dead = env
+        .cluster
+        .nodes_seen_from(env.any_port())
         .into_iter()
         .find(|n| n.id == dead_id)
         .unwrap();
@@ -1521,7 +1421,8 @@ async fn a_primary_killed_under_load_costs_only_its_slots_for_a_bounded_time() {
     .await;
     let ok_at = wait_cluster_ok(&env.cluster, &env.live_ports(), Duration::from_secs(20)).await;
     assert!(
-        cluster_nodes(&env.cluster, replica.port)
+        env.cluster
+            .nodes_seen_from(replica.port)
             .iter()
             .any(|n| n.id == replica.id && n.primary),
         "the dead primary's replica took over"
@@ -1585,7 +1486,9 @@ async fn a_live_reshard_under_load_answers_every_valid_session_200() {
     const SLOTS: usize = 1000;
     let env = FaultEnv::start(&[None, None, Some(CACHE_TTL)], true).await;
     let any = env.any_port();
-    let primaries: Vec<NodeLine> = cluster_nodes(&env.cluster, any)
+    let primaries: Vec<NodeLine> = env
+        .cluster
+        .nodes_seen_from(any)
         .into_iter()
         .filter(|n| n.primary)
         .collect();
@@ -1623,8 +1526,9 @@ async fn a_live_reshard_under_load_answers_every_valid_session_200() {
     // 1,000 slots (6% of the key space) move from one primary to another
     // while revocations go through every gateway.
     let (from_id, to_id) = (from.id.clone(), to.id.clone());
-    let resharding =
-        tokio::task::spawn_blocking(move || reshard(any, &from_id, &to_id, SLOTS as u32));
+    let resharding = tokio::task::spawn_blocking(move || {
+        RedisCluster::reshard_by_id(any, &from_id, &to_id, SLOTS as u32)
+    });
     let during = revoke_in_turn(&env.gateways, &victims, Duration::from_millis(20)).await;
     resharding.await.expect("reshard");
     let moved_in = fault.elapsed();
@@ -1749,11 +1653,13 @@ async fn invalidations_keep_arriving_after_the_channel_slot_moves_and_its_node_i
     let any = env.any_port();
     let slot = keyslot(&env.cluster, any, &channel);
     let from = owner_of(&env.cluster, any, slot);
-    let to = cluster_nodes(&env.cluster, any)
+    let to = env
+        .cluster
+        .nodes_seen_from(any)
         .into_iter()
         .find(|n| n.primary && n.id != from.id)
         .unwrap();
-    move_slot(&env.cluster, slot, &to);
+    env.cluster.move_slot(slot, to.port).await;
     assert_eq!(
         owner_of(&env.cluster, any, slot).id,
         to.id,

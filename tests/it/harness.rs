@@ -1610,6 +1610,50 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 /// replica takes over within a few seconds.
 pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 2_000;
 
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct NodeLine {
+    pub id: String,
+    pub port: u16,
+    pub primary: bool,
+    /// A replica's primary.
+    pub primary_id: Option<String>,
+    pub failed: bool,
+    /// Slot ranges served (a migration's `[a->-id]` marks left out).
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl NodeLine {
+    /// `<id> <ip:port@bus> <flags> <primary> <ping> <pong> <epoch> <link> <slot>...`
+    fn parse(line: &str) -> Option<NodeLine> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            return None;
+        }
+        let flags: Vec<&str> = f[2].split(',').collect();
+        let slots = f[8..]
+            .iter()
+            .filter(|s| !s.starts_with('['))
+            .filter_map(|s| match s.split_once('-') {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => s.parse().ok().map(|n| (n, n)),
+            })
+            .collect();
+        Some(NodeLine {
+            id: f[0].to_string(),
+            port: f[1].split(['@', ':']).nth(1)?.parse().ok()?,
+            primary: flags.contains(&"master"),
+            primary_id: (f[3] != "-").then(|| f[3].to_string()),
+            failed: flags.contains(&"fail") || flags.contains(&"fail?"),
+            slots,
+        })
+    }
+
+    pub fn serves(&self, slot: u16) -> bool {
+        self.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+    }
+}
+
 /// A 6-node Redis Cluster (3 primaries, 3 replicas) on loopback ports,
 /// each node with its own data directory (append-only file, nodes.conf);
 /// every node is stopped by pid on drop.
@@ -1698,33 +1742,22 @@ impl RedisCluster {
         format!("redis_cluster_urls = [{}]", urls.join(", "))
     }
 
-    /// `CLUSTER NODES` as one running node sees it: (port, role, the
-    /// primary's node id for a replica, node id), skipping failed nodes.
-    fn topology(&self) -> Vec<(u16, String, String, String)> {
+    /// The cluster as the node on `port` sees it (failed nodes included).
+    pub fn nodes_seen_from(&self, port: u16) -> Vec<NodeLine> {
+        self.cli(port, &["CLUSTER", "NODES"])
+            .lines()
+            .filter_map(NodeLine::parse)
+            .collect()
+    }
+
+    /// The nodes that have not failed, as one running node sees them.
+    fn topology(&self) -> Vec<NodeLine> {
         let Some(node) = self.nodes.iter().find(|n| n.child.is_some()) else {
             return Vec::new();
         };
-        self.cli(node.port, &["CLUSTER", "NODES"])
-            .lines()
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                if fields.len() < 8 || fields[2].contains("fail") {
-                    return None;
-                }
-                let port = fields[1].split(['@', ':']).nth(1)?.parse().ok()?;
-                let role = if fields[2].contains("master") {
-                    "master"
-                } else {
-                    "slave"
-                };
-                Some((
-                    port,
-                    role.to_string(),
-                    fields[3].to_string(),
-                    fields[0].to_string(),
-                ))
-            })
-            .collect()
+        let mut nodes = self.nodes_seen_from(node.port);
+        nodes.retain(|n| !n.failed);
+        nodes
     }
 
     /// The ports of the primaries (that have not failed), ascending.
@@ -1732,8 +1765,8 @@ impl RedisCluster {
         let mut ports: Vec<u16> = self
             .topology()
             .into_iter()
-            .filter(|(_, role, _, _)| role == "master")
-            .map(|(port, ..)| port)
+            .filter(|n| n.primary)
+            .map(|n| n.port)
             .collect();
         ports.sort_unstable();
         ports
@@ -1742,11 +1775,11 @@ impl RedisCluster {
     /// The port of a replica of the primary on `primary`.
     pub fn replica_of(&self, primary: u16) -> Option<u16> {
         let topology = self.topology();
-        let id = topology.iter().find(|t| t.0 == primary)?.3.clone();
+        let id = &topology.iter().find(|n| n.port == primary)?.id;
         topology
             .iter()
-            .find(|t| t.1 == "slave" && t.2 == id)
-            .map(|t| t.0)
+            .find(|n| n.primary_id.as_ref() == Some(id))
+            .map(|n| n.port)
     }
 
     /// `DBSIZE` on each primary, by port.
@@ -1807,31 +1840,14 @@ impl RedisCluster {
             .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT {key}: {out}"))
     }
 
-    /// The port of the primary serving `slot`, per `CLUSTER NODES` (its
-    /// slot ranges: `a-b` or `a`; `[a->-id]` marks a migration under way).
+    /// The port of the primary serving `slot`, per `CLUSTER NODES`.
     pub fn owner_of(&self, slot: u16) -> u16 {
         let port = self.primaries()[0];
-        let nodes = self.cli(port, &["CLUSTER", "NODES"]);
-        nodes
-            .lines()
-            .find_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                if fields.len() < 9 || !fields[2].contains("master") {
-                    return None;
-                }
-                let serves = fields[8..].iter().any(|range| {
-                    let bounds = match range.split_once('-') {
-                        Some((a, b)) => a.parse().ok().zip(b.parse().ok()),
-                        None => range.parse().ok().map(|a| (a, a)),
-                    };
-                    bounds.is_some_and(|(a, b): (u16, u16)| (a..=b).contains(&slot))
-                });
-                if !serves {
-                    return None;
-                }
-                fields[1].split(['@', ':']).nth(1)?.parse().ok()
-            })
-            .unwrap_or_else(|| panic!("no owner of slot {slot} in:\n{nodes}"))
+        self.nodes_seen_from(port)
+            .into_iter()
+            .find(|n| n.primary && n.serves(slot))
+            .map(|n| n.port)
+            .unwrap_or_else(|| panic!("no owner of slot {slot} seen from {port}"))
     }
 
     /// Moves one slot, with its keys, to the primary on `to` (the steps of
@@ -1877,10 +1893,17 @@ impl RedisCluster {
     /// `redis-cli --cluster reshard`: moves `slots` slots from the primary
     /// on `from` to the one on `to`, keys included.
     pub async fn reshard(&self, from: u16, to: u16, slots: u32) {
+        Self::reshard_by_id(from, &self.node_id(from), &self.node_id(to), slots);
+        self.wait_ok(Duration::from_secs(10)).await;
+    }
+
+    /// `redis-cli --cluster reshard` through the node on `port`, from and to
+    /// primaries named by node id, as an operator would run it: blocking,
+    /// for `spawn_blocking` while a load runs.
+    pub fn reshard_by_id(port: u16, from: &str, to: &str, slots: u32) {
         let out = std::process::Command::new("redis-cli")
-            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
-            .args(["--cluster-from", &self.node_id(from)])
-            .args(["--cluster-to", &self.node_id(to)])
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{port}")])
+            .args(["--cluster-from", from, "--cluster-to", to])
             .args(["--cluster-slots", &slots.to_string()])
             .arg("--cluster-yes")
             .stdin(std::process::Stdio::null())
@@ -1892,7 +1915,6 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        self.wait_ok(Duration::from_secs(10)).await;
     }
 
     /// Kills every node (SIGKILL, by pid): the whole cluster is down.
