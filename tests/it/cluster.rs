@@ -21,6 +21,34 @@ use crate::hybrid::{
     wait_subscribed,
 };
 
+/// What a one-gateway test needs besides its cluster: an upstream, a
+/// SQLite database and a key prefix of its own.
+struct OneGateway {
+    dir: tempfile::TempDir,
+    upstream: TestUpstream,
+    prefix: String,
+}
+
+impl OneGateway {
+    async fn new() -> OneGateway {
+        OneGateway {
+            dir: tempfile::tempdir().unwrap(),
+            upstream: TestUpstream::start().await,
+            prefix: prefix(),
+        }
+    }
+
+    /// The gateway's config on the cluster `seeds`, with `extra` `[store]` keys.
+    fn config(&self, seeds: &[String], extra: &str) -> Config {
+        config(
+            &self.upstream,
+            &harness::database_url(&self.dir),
+            &cluster_store(seeds, &self.prefix, extra),
+            "",
+        )
+    }
+}
+
 /// `[store]` keys for a cluster fast tier under `prefix`, with `extra`.
 fn cluster_store(seeds: &[String], prefix: &str, extra: &str) -> String {
     let seeds: Vec<String> = seeds.iter().map(|u| format!("{u:?}")).collect();
@@ -66,16 +94,9 @@ async fn create_many(gw: &Gw, user: &str, n: usize) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_spread_over_every_primary_and_every_slot_is_served() {
     let cluster = RedisCluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = TestUpstream::start().await;
-    let prefix = prefix();
-    let gw = Gw::start(config(
-        &upstream,
-        &harness::database_url(&dir),
-        &cluster_store(&cluster.urls()[..1], &prefix, ""),
-        "",
-    ))
-    .await;
+    let one = OneGateway::new().await;
+    let prefix = one.prefix.clone();
+    let gw = Gw::start(one.config(&cluster.urls()[..1], "")).await;
     assert_eq!(gw.readyz().await.0, 200, "{:?}", gw.readyz().await.1);
 
     let sessions = create_many(&gw, "alice", 300).await;
@@ -112,16 +133,9 @@ async fn sessions_spread_over_every_primary_and_every_slot_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_user_with_sessions_in_many_slots_leaves_tombstones_and_401s() {
     let cluster = RedisCluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = TestUpstream::start().await;
-    let prefix = prefix();
-    let gw = Gw::start(config(
-        &upstream,
-        &harness::database_url(&dir),
-        &cluster_store(&cluster.urls(), &prefix, ""),
-        "",
-    ))
-    .await;
+    let one = OneGateway::new().await;
+    let prefix = one.prefix.clone();
+    let gw = Gw::start(one.config(&cluster.urls(), "")).await;
     let sessions = create_many(&gw, "bob", 200).await;
     let keep = gw.login("carol").await;
     for (token, _) in &sessions {
@@ -176,16 +190,9 @@ async fn revoking_a_user_with_sessions_in_many_slots_leaves_tombstones_and_401s(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_changes_the_fingerprint_and_the_log_is_replayed() {
     let cluster = RedisCluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = TestUpstream::start().await;
-    let prefix = prefix();
-    let gw = Gw::start(config(
-        &upstream,
-        &harness::database_url(&dir),
-        &cluster_store(&cluster.urls(), &prefix, "redis_retry_ms = 100"),
-        "",
-    ))
-    .await;
+    let one = OneGateway::new().await;
+    let prefix = one.prefix.clone();
+    let gw = Gw::start(one.config(&cluster.urls(), "redis_retry_ms = 100")).await;
     let store = gw.running().gateway().store.clone();
     let before = store
         .fast()
@@ -374,15 +381,8 @@ async fn invalidations_cross_nodes_and_a_silent_subscription_node_is_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_the_cluster_tier() {
     let cluster = RedisCluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = TestUpstream::start().await;
-    let prefix = prefix();
-    let mut config = config(
-        &upstream,
-        &harness::database_url(&dir),
-        &cluster_store(&cluster.urls(), &prefix, "local_cache_ttl_ms = 60000"),
-        "",
-    );
+    let one = OneGateway::new().await;
+    let mut config = one.config(&cluster.urls(), "local_cache_ttl_ms = 60000");
     config.server.worker_threads = Some(2);
     let gw = Gw::start(config).await;
     let sessions = create_many(&gw, "hana", 40).await;
@@ -511,16 +511,9 @@ async fn keys_and_invalidations_follow_moved_slots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_subscription_keeps_its_cache() {
     let cluster = RedisCluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = TestUpstream::start().await;
-    let prefix = prefix();
-    let gw = Gw::start(config(
-        &upstream,
-        &harness::database_url(&dir),
-        &cluster_store(&cluster.urls(), &prefix, "local_cache_ttl_ms = 600000"),
-        "",
-    ))
-    .await;
+    let one = OneGateway::new().await;
+    let prefix = one.prefix.clone();
+    let gw = Gw::start(one.config(&cluster.urls(), "local_cache_ttl_ms = 600000")).await;
     wait_subscribed(&gw, true).await;
     let (token, _) = admin_create(&gw, "ivan").await;
     assert_eq!(gw.status("/", &token).await, 200);
@@ -571,23 +564,13 @@ async fn a_healthy_subscription_keeps_its_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscription_moves_to_a_known_node_when_the_only_seed_is_lost() {
     let mut cluster = RedisCluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = TestUpstream::start().await;
-    let prefix = prefix();
+    let one = OneGateway::new().await;
+    let prefix = one.prefix.clone();
     let channel = format!("{prefix}invalidate");
     let primaries = cluster.primaries();
     let seed = cluster.replica_of(primaries[0]).expect("a replica");
-    let gw = Gw::start(config(
-        &upstream,
-        &harness::database_url(&dir),
-        &cluster_store(
-            &[cluster.node(seed).url()],
-            &prefix,
-            "local_cache_ttl_ms = 600000",
-        ),
-        "",
-    ))
-    .await;
+    let gw =
+        Gw::start(one.config(&[cluster.node(seed).url()], "local_cache_ttl_ms = 600000")).await;
     wait_subscribed(&gw, true).await;
     let subscribed_on = |cluster: &RedisCluster| -> Vec<u16> {
         cluster
@@ -644,18 +627,11 @@ async fn the_subscription_moves_to_a_known_node_when_the_only_seed_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_started_while_the_cluster_is_down_uses_it_once_it_is_up() {
     let mut cluster = RedisCluster::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = TestUpstream::start().await;
-    let prefix = prefix();
+    let one = OneGateway::new().await;
+    let prefix = one.prefix.clone();
     cluster.kill_all();
     let started = Instant::now();
-    let gw = Gw::start(config(
-        &upstream,
-        &harness::database_url(&dir),
-        &cluster_store(&cluster.urls(), &prefix, "redis_retry_ms = 100"),
-        "",
-    ))
-    .await;
+    let gw = Gw::start(one.config(&cluster.urls(), "redis_retry_ms = 100")).await;
     println!(
         "the gateway started in {:?} with the cluster down",
         started.elapsed()
