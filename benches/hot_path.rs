@@ -367,6 +367,7 @@ auth = "required"
             || headers.clone(),
             |mut h| {
                 gateway
+                    .forwarder()
                     .rewrite_request_headers(&mut h, &uri, &peer, &id, false)
                     .expect("no look-alike headers");
                 h

@@ -167,7 +167,7 @@ impl Admin {
             }
             (&Method::GET, ["readyz"]) => Ok(self.readyz().await),
             (&Method::GET, ["metrics"]) => {
-                let mut resp = Response::new(body::full(self.gateway.metrics.render()));
+                let mut resp = Response::new(body::full(self.gateway.metrics().render()));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -180,7 +180,7 @@ impl Admin {
             (_, ["v1", "sessions"]) => Err(AdminError::MethodNotAllowed),
             (&Method::GET, ["v1", "sessions", id]) => {
                 let id = parse_id(id)?;
-                match self.gateway.store.get_by_id(id).await? {
+                match self.gateway.store().get_by_id(id).await? {
                     Some(s) => Ok(json(
                         StatusCode::OK,
                         serde_json::to_value(s.view()).unwrap_or_default(),
@@ -190,7 +190,7 @@ impl Admin {
             }
             (&Method::DELETE, ["v1", "sessions", id]) => {
                 let id = parse_id(id)?;
-                if self.gateway.store.revoke_id(id).await? {
+                if self.gateway.store().revoke_id(id).await? {
                     Ok(no_content())
                 } else {
                     Err(AdminError::NotFound("session"))
@@ -199,7 +199,7 @@ impl Admin {
             (_, ["v1", "sessions", _]) => Err(AdminError::MethodNotAllowed),
             (&Method::GET, ["v1", "users", user, "sessions"]) => {
                 let user = parse_user(user)?;
-                let sessions = self.gateway.store.list_user(&user).await?;
+                let sessions = self.gateway.store().list_user(&user).await?;
                 let views: Vec<_> = sessions.iter().map(|s| s.view()).collect();
                 Ok(json(
                     StatusCode::OK,
@@ -208,7 +208,7 @@ impl Admin {
             }
             (&Method::DELETE, ["v1", "users", user, "sessions"]) => {
                 let user = parse_user(user)?;
-                let revoked = self.gateway.store.revoke_user(&user).await?;
+                let revoked = self.gateway.store().revoke_user(&user).await?;
                 Ok(json(
                     StatusCode::OK,
                     serde_json::json!({ "revoked": revoked }),
@@ -216,14 +216,14 @@ impl Admin {
             }
             (_, ["v1", "users", _, "sessions"]) => Err(AdminError::MethodNotAllowed),
             (&Method::GET, ["v1", "policies"]) => {
-                let info = self.gateway.policies.chain().info();
+                let info = self.gateway.policies().chain().info();
                 Ok(json(
                     StatusCode::OK,
                     serde_json::json!({ "policies": info }),
                 ))
             }
             (&Method::POST, ["v1", "policies", "reload"]) => {
-                match self.gateway.policies.reload().await {
+                match self.gateway.policies().reload().await {
                     Ok(info) => Ok(json(
                         StatusCode::OK,
                         serde_json::json!({ "policies": info }),
@@ -262,7 +262,7 @@ impl Admin {
     }
 
     async fn readyz(&self) -> Response<Body> {
-        let tiers = self.gateway.store.health().await;
+        let tiers = self.gateway.store().health().await;
         let ready = tiers.iter().all(|t| t.ok);
         let status = if ready {
             StatusCode::OK

@@ -55,10 +55,12 @@
 //! [`error::ProxyError`] and, in one place, the contract's JSON error.
 
 pub mod admin;
+pub mod authn;
 pub(crate) mod backend_tls;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod forward;
 pub mod forwarded;
 pub mod headers;
 pub(crate) mod limits;
@@ -66,8 +68,10 @@ pub mod metrics;
 pub mod path;
 pub mod policy;
 pub mod proxy;
+pub(crate) mod route;
 pub mod server;
 pub mod session;
+pub mod sessions;
 pub mod store;
 pub mod telemetry;
 pub(crate) mod tls;

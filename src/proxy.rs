@@ -1,115 +1,59 @@
-//! The request path: route, authenticate, forward, and act on the
-//! upstream's session headers.
+//! The request pipeline: the proxy's phases, in pingora's order, each
+//! owned by its own module.
 //!
-//! Phases, in the order they run for each request:
-//!
-//! 1. **route** — the path is normalized ([`crate::path`]; 400 if it is
+//! 1. **route** ([`crate::route`]) — the path is normalized (400 if it is
 //!    ambiguous, or for a CONNECT / `OPTIONS *` target) and from then on
 //!    the request carries only that path; the longest matching prefix
 //!    picks the route (404 if none).
-//! 2. **authenticate** — the token is taken from `Authorization: Bearer` or
-//!    the session cookies, checked for shape and MAC (no store is asked for
-//!    a malformed one; of several, the one that verifies counts, and two
-//!    different ones that verify are refused), then looked up in the hybrid
-//!    store. What a failure means depends on the route's `auth` mode.
-//! 3. **rewrite** ([`crate::headers::rewrite_request`]) — hop-by-hop
-//!    headers go, and every `Upgrade` but a WebSocket handshake's; client
-//!    copies of identity, forwarding, `x-sessiongate-*` and path-override
-//!    headers go (on every route), in any spelling a CGI-style server reads
-//!    the same (or the request is refused); the session's identity, the
-//!    `x-forwarded-*` headers and `x-request-id` are set; the session
-//!    cookie and our tokens are kept from the upstream.
-//! 4. **forward** — to the route's upstream, bodies streamed both ways;
-//!    a WebSocket handshake becomes a bridged byte stream once the
-//!    upstream's 101 proves it is one (RFC 6455's accept key).
-//! 5. **respond** — the upstream's own `Set-Cookie` for the session cookie
-//!    is dropped; the `x-sessiongate-*` headers of the response begin or
-//!    end sessions and are removed; the result is logged and counted.
+//! 2. **authenticate** ([`crate::authn`]) — token, session, the policy
+//!    chain's access decision; what a failure means depends on the
+//!    route's `auth` mode.
+//! 3. **rewrite, forward** ([`crate::forward`]) — the upstream's view of
+//!    the request, the upstream call, WebSocket upgrades.
+//! 4. **respond** — the upstream response made safe
+//!    ([`crate::forward`]), its `x-sessiongate-*` directives applied by
+//!    the session service ([`crate::sessions`]); the result is logged and
+//!    counted.
+//!
+//! Forward-auth runs phases 1 and 2 through the same pieces.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use http::{Request, Response, StatusCode};
 
+use crate::authn::{Authenticator, RequestContext};
 use crate::body::{self, Body};
-use crate::config::{AuthMode, Config, LookalikeHeaders, RouteConfig};
+use crate::config::Config;
 use crate::error::ProxyError;
+use crate::forward::{Forwarded, Forwarder};
 use crate::forwarded::{self, TrustedProxies};
 use crate::headers::{self as h, X_REQUEST_ID};
-use crate::limits::{ConnBudget, ConnState, LimitedBody};
+use crate::limits::{ConnBudget, ConnState};
 use crate::metrics::{Metrics, ReasonLabels};
-use crate::policy::{AccessOutcome, Policies, Refusal, RequestInfo};
-use crate::session::{self, Session};
+use crate::policy::{Policies, RequestInfo};
+use crate::route::{Routes, normalized_uri};
+use crate::session::Session;
+use crate::sessions::SessionService;
 use crate::store::SessionStore;
-use crate::token::{self, TokenHash, TokenKey};
-use crate::upstream::Upstream;
+use crate::token::TokenKey;
 
 /// Everything the request path needs: one per worker (its own upstream
 /// pools and policy chain handle), the store, policies and metrics shared.
 pub struct Gateway {
-    pub config: Arc<Config>,
-    pub store: SessionStore,
-    pub token_key: TokenKey,
-    pub metrics: Arc<Metrics>,
-    pub policies: Arc<Policies>,
-    routes: Vec<Route>,
-    /// This gateway's (its worker's) handle on the running policy chain.
-    chain: crate::policy::ChainCache,
-    upstreams: Vec<Arc<Upstream>>,
+    config: Arc<Config>,
+    store: SessionStore,
+    metrics: Arc<Metrics>,
+    policies: Arc<Policies>,
+    routes: Routes,
+    auth: Authenticator,
+    sessions: Arc<SessionService>,
+    forwarder: Forwarder,
     /// `server.trusted_proxies`.
     trusted: TrustedProxies,
-}
-
-/// A configured route with its metric label and handles.
-struct Route {
-    config: RouteConfig,
-    label: &'static str,
-    metrics: crate::metrics::RouteMetrics,
-}
-
-impl std::ops::Deref for Route {
-    type Target = RouteConfig;
-    fn deref(&self) -> &RouteConfig {
-        &self.config
-    }
-}
-
-/// The token a request presented, after the shape and MAC checks.
-#[derive(Debug, Clone, Copy)]
-enum Presented {
-    Nothing,
-    Malformed,
-    Valid(TokenHash),
-    /// Several different tokens that all verify. Never resolved by
-    /// picking one: a browser lists a cookie with a longer `Path` first,
-    /// so a page that plants a path-scoped session cookie would otherwise
-    /// choose whose session the victim uses under that path.
-    Ambiguous,
-}
-
-/// Most session tokens one request may present: each costs an HMAC, and
-/// no browser holds more than a few cookies of one name.
-const MAX_PRESENTED: usize = 8;
-
-impl Presented {
-    /// The outcome once one more candidate has been checked: a token that
-    /// verifies wins over malformed ones, two different ones that verify
-    /// are ambiguous.
-    fn and(self, candidate: Result<TokenHash, token::MalformedToken>) -> Presented {
-        match (self, candidate) {
-            (Presented::Ambiguous, _) => Presented::Ambiguous,
-            (Presented::Valid(a), Ok(b)) if a != b => Presented::Ambiguous,
-            (Presented::Valid(a), _) => Presented::Valid(a),
-            (_, Ok(b)) => Presented::Valid(b),
-            (_, Err(_)) => Presented::Malformed,
-        }
-    }
 }
 
 /// What one request did, for its log line.
@@ -128,53 +72,70 @@ impl Gateway {
         metrics: Arc<Metrics>,
         policies: Arc<Policies>,
     ) -> Gateway {
-        let mut routes: Vec<Route> = config
-            .routes
-            .iter()
-            .map(|r| {
-                let label = crate::metrics::intern(&r.prefix);
-                Route {
-                    label,
-                    metrics: metrics.route(label),
-                    config: r.clone(),
-                }
-            })
-            .collect();
-        // Longest prefix first, so the first match is the most specific;
-        // of two of one length, the exact-case one.
-        routes.sort_by_key(|r| (std::cmp::Reverse(r.prefix.len()), r.case_insensitive));
-        let upstreams = config.upstreams.iter().map(Upstream::new).collect();
+        let chain = Arc::new(policies.cache());
+        let routes = Routes::new(&config, &metrics);
         let trusted = TrustedProxies::new(config.server.trusted_proxies.iter().copied());
+        let auth = Authenticator::new(
+            store.clone(),
+            token_key.clone(),
+            &config.session,
+            chain.clone(),
+        );
+        let sessions = Arc::new(SessionService::new(
+            store.clone(),
+            token_key.clone(),
+            config.session.clone(),
+            chain,
+        ));
+        let forwarder = Forwarder::new(config.clone(), token_key, metrics.clone());
         Gateway {
             trusted,
             config,
             store,
-            token_key,
             metrics,
-            chain: policies.cache(),
             policies,
             routes,
-            upstreams,
+            auth,
+            sessions,
+            forwarder,
         }
     }
 
-    /// The route of a normalized path. Prefixes hold only unreserved
-    /// characters and `/` (config validation), so matching the normal
-    /// form is matching what the upstream decodes it to.
-    fn route(&self, path: &str) -> Option<&Route> {
-        self.route_index(path).map(|i| &self.routes[i])
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
-    fn route_index(&self, path: &str) -> Option<usize> {
-        self.routes.iter().position(|r| {
-            if r.case_insensitive {
-                path.as_bytes()
-                    .get(..r.prefix.len())
-                    .is_some_and(|p| p.eq_ignore_ascii_case(r.prefix.as_bytes()))
-            } else {
-                path.starts_with(&r.prefix)
-            }
-        })
+    pub fn store(&self) -> &SessionStore {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn policies(&self) -> &Arc<Policies> {
+        &self.policies
+    }
+
+    /// Where sessions begin and end (shared with the admin API).
+    pub fn sessions(&self) -> &Arc<SessionService> {
+        &self.sessions
+    }
+
+    /// The rewrite and forward phases (public for the benches).
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+
+    /// Creates a session as the admin API does (see
+    /// [`SessionService::create`]).
+    pub async fn create_session(
+        &self,
+        user_id: String,
+        attributes: BTreeMap<String, String>,
+        request: Option<&RequestInfo>,
+    ) -> Result<(String, Arc<Session>), ProxyError> {
+        self.sessions.create(user_id, attributes, request).await
     }
 
     /// Handles one request from a client at `peer`. Never fails: every
@@ -226,7 +187,8 @@ impl Gateway {
                         .inc();
                 }
                 let redirect = self
-                    .route(path)
+                    .routes
+                    .find(path)
                     .and_then(|r| r.login_redirect.as_deref())
                     .filter(|_| e.is_auth_failure());
                 match redirect {
@@ -262,9 +224,10 @@ impl Gateway {
         resp
     }
 
+    /// The phases after the path's normalization.
     async fn proxy<B>(
         &self,
-        mut req: Request<B>,
+        req: Request<B>,
         peer: Peer,
         request_id: &HeaderValue,
         outcome: &mut Outcome,
@@ -274,261 +237,43 @@ impl Gateway {
         B::Error: Into<body::BoxError>,
     {
         let index = self
-            .route_index(req.uri().path())
+            .routes
+            .index(req.uri().path())
             .ok_or(ProxyError::NoRoute)?;
         let route = &self.routes[index];
         outcome.route = route.label;
         outcome.route_index = Some(index);
 
-        // Authenticate.
-        let presented = self.presented_token(req.headers());
-        let session = match (route.auth, presented) {
-            (AuthMode::None, _) => None,
-            (AuthMode::Required, Presented::Nothing) => return Err(ProxyError::MissingSession),
-            (AuthMode::Required, Presented::Malformed) => return Err(ProxyError::MalformedToken),
-            (AuthMode::Required, Presented::Ambiguous) => return Err(ProxyError::InvalidSession),
-            (
-                AuthMode::Optional,
-                Presented::Nothing | Presented::Malformed | Presented::Ambiguous,
-            ) => None,
-            (mode, Presented::Valid(key)) => match self.store.lookup(&key).await {
-                Ok(Some(s)) => Some(s),
-                Ok(None) if mode == AuthMode::Required => {
-                    return Err(ProxyError::InvalidSession);
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::error!(request_id = request_id_text(request_id), error = %e, "session lookup failed");
-                    return Err(ProxyError::StoreUnavailable);
-                }
-            },
-        };
-        outcome.session_id = session.as_ref().map(|s| s.id);
-        if route.auth == AuthMode::Required && session.is_none() {
-            return Err(ProxyError::InvalidSession);
-        }
-        // What the policy hooks may see of the request; kept (cheaply:
-        // shared buffers) for the create hooks too, should the response
-        // log someone in.
-        let context = RequestContext {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            host: req.headers().get(header::HOST).cloned(),
-            user_agent: req.headers().get(header::USER_AGENT).cloned(),
-            client: peer.client,
-        };
-        if let (Some(s), Presented::Valid(key)) = (&session, presented) {
-            let chain = self.chain.get();
-            let extend = if chain.wants_access() {
-                match chain.on_access(s, &context.info(), session::now_ms()).await {
-                    AccessOutcome::Allow => None,
-                    AccessOutcome::Extend(at) => Some(at),
-                    AccessOutcome::Refuse(refusal) => return Err(refusal.into()),
-                }
-            } else {
-                None
-            };
-            self.note_activity(&key, s, extend).await;
-        }
-
-        // Rewrite.
-        let websocket_key = h::websocket_key(req.headers()).cloned();
-        let upgrade = websocket_key.is_some();
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, incoming) = req.into_parts();
-        let mut headers = parts.headers;
-        self.rewrite_request_headers(&mut headers, &parts.uri, &peer, request_id, upgrade)?;
-        if let Some(s) = &session {
-            self.set_identity(&mut headers, s);
-        }
-
-        // Forward. A body declared larger than the route accepts is
-        // refused before any upstream connection; one that grows past it,
-        // stalls or breaks aborts the upstream request (limits.rs).
-        if http_body::Body::size_hint(&incoming).lower() > route.max_body_bytes {
-            return Err(ProxyError::BodyTooLarge);
-        }
-        let incoming = LimitedBody::new(
-            incoming,
-            route.max_body_bytes,
-            self.config.server.body_read_timeout,
-        );
-        let upstream = &self.upstreams[route.upstream];
-        let mut resp = upstream
-            .send(
-                parts.method,
-                parts.uri.path_and_query().cloned(),
-                headers,
-                body::boxed(incoming),
-                &peer.conn,
+        let context = RequestContext::new(req.method(), req.uri(), req.headers(), peer.client);
+        let who = self
+            .auth
+            .authenticate(
+                route.auth,
+                req.headers(),
+                &context,
+                request_id_text(request_id),
             )
-            .await
-            .inspect_err(|e| {
-                if e.status().is_server_error() {
-                    self.metrics
-                        .upstream_errors
-                        .get_or_create(&ReasonLabels { reason: e.code() })
-                        .inc();
-                }
-            })?;
-
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let (Some(client_upgrade), Some(key)) = (client_upgrade, &websocket_key) {
-                // Only the WebSocket the client asked for is bridged: a
-                // 101 to anything else would open a tunnel whose later
-                // requests the gateway never sees.
-                if !h::is_websocket_switch(resp.headers(), key) {
-                    return Err(ProxyError::UpstreamProtocol(
-                        "a 101 without Upgrade: websocket and the right Sec-WebSocket-Accept"
-                            .into(),
-                    ));
-                }
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let request_id = request_id_text(request_id).to_string();
-                // The tunnel is still the client's connection: it keeps
-                // its place under the connection caps until it ends.
-                let connection = peer.conn.clone();
-                let idle = self.config.server.idle_timeout;
-                tokio::spawn(async move {
-                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok((client, upstream)) => {
-                            crate::limits::tunnel(
-                                TokioIo::new(client),
-                                TokioIo::new(upstream),
-                                idle,
-                            )
-                            .await;
-                        }
-                        Err(e) => tracing::warn!(request_id, error = %e, "upgrade failed"),
-                    }
-                    drop(connection);
-                });
-                let (mut parts, _) = resp.into_parts();
-                h::strip_hop_by_hop(&mut parts.headers, true);
-                h::remove_set_cookie(&mut parts.headers, &self.config.session.cookie_name);
-                // Sessions begin and end on ordinary responses only; on a
-                // handshake these headers are dropped, never passed on.
-                parts.headers.remove(h::SG_LOGIN);
-                parts.headers.remove(h::SG_ATTRIBUTES);
-                parts.headers.remove(h::SG_LOGOUT);
-                return Ok(Response::from_parts(parts, body::empty()));
-            }
-            return Err(ProxyError::UpstreamProtocol(
-                "switched protocols without being asked".into(),
-            ));
-        }
-
-        // Respond.
-        let (mut parts, upstream_body) = resp.into_parts();
-        h::strip_hop_by_hop(&mut parts.headers, false);
-        // Before the gateway adds its own: only the gateway sets its cookie.
-        h::remove_set_cookie(&mut parts.headers, &self.config.session.cookie_name);
-        self.session_headers(&mut parts.headers, presented, session.as_deref(), &context)
             .await?;
-        Ok(Response::from_parts(parts, upstream_body))
-    }
+        outcome.session_id = who.session.as_ref().map(|s| s.id);
 
-    /// Keeps `last_seen_at` current to within `session.touch_interval`
-    /// (so that most requests cause no write at all) and applies a
-    /// policy's new expiry.
-    async fn note_activity(&self, key: &TokenHash, session: &Session, extend: Option<i64>) {
-        let now = session::now_ms();
-        let interval = self.config.session.touch_interval.as_millis() as i64;
-        if extend.is_some() || now - session.last_seen_at >= interval {
-            let mut updated = session.clone();
-            updated.last_seen_at = now;
-            if let Some(at) = extend {
-                updated.expires_at = at;
-            }
-            self.store.record_activity(key, updated).await;
-        }
-    }
-
-    /// The token the request presents: bearer tokens of our shape if
-    /// there are any, else the session cookies, else a bearer token of
-    /// another shape (malformed). Among several candidates the one whose
-    /// MAC verifies counts, never merely the first; several different
-    /// ones that verify, or more than [`MAX_PRESENTED`], are ambiguous.
-    fn presented_token(&self, headers: &HeaderMap) -> Presented {
-        let mut presented = Presented::Nothing;
-        let mut count = 0;
-        let mut other_bearer = false;
-        for bearer in h::bearer_tokens(headers) {
-            if token::looks_like_token(bearer) {
-                count += 1;
-                if count > MAX_PRESENTED {
-                    break;
-                }
-                presented = presented.and(self.token_key.verify(bearer));
-            } else {
-                other_bearer = true;
+        let forwarded = self
+            .forwarder
+            .forward(req, route, who.session.as_deref(), &peer, request_id)
+            .await?;
+        match forwarded {
+            Forwarded::Upgraded(resp) => Ok(resp),
+            Forwarded::Response(mut resp) => {
+                self.sessions
+                    .apply_directives(
+                        resp.headers_mut(),
+                        who.presented.key(),
+                        who.session.as_deref(),
+                        &context,
+                    )
+                    .await?;
+                Ok(resp)
             }
         }
-        if count == 0 {
-            for cookie in h::cookie_values(headers, &self.config.session.cookie_name) {
-                count += 1;
-                if count > MAX_PRESENTED {
-                    break;
-                }
-                presented = presented.and(self.token_key.verify(cookie));
-            }
-        }
-        match presented {
-            _ if count > MAX_PRESENTED => Presented::Ambiguous,
-            Presented::Nothing if other_bearer => Presented::Malformed,
-            presented => presented,
-        }
-    }
-
-    /// Whether an `Authorization` value carries a token of ours: a
-    /// `Bearer` credential of our shape (removed without an HMAC, as any
-    /// token-shaped bearer could be ours under an older key), or a word
-    /// of any other scheme or list that verifies as one.
-    fn carries_our_token(&self, value: &HeaderValue) -> bool {
-        if h::bearer_of(value).is_some_and(token::looks_like_token) {
-            return true;
-        }
-        h::authorization_words(value)
-            .any(|w| token::looks_like_token(w) && self.token_key.verify(w).is_ok())
-    }
-
-    /// Rewrites a client's request headers for the upstream: hop-by-hop
-    /// headers and whatever the client claims about identity or
-    /// forwarding go, the forwarding headers and the request id are set
-    /// (the identity headers are [`Gateway::set_identity`]'s). `upgrade`
-    /// keeps a WebSocket handshake's `Upgrade` (and nothing else's).
-    /// Public for the benches.
-    ///
-    /// Fails only with `session.lookalike_headers = "reject"`, on a
-    /// header that reads as a gateway-owned one once `_` is taken for `-`.
-    pub fn rewrite_request_headers(
-        &self,
-        headers: &mut HeaderMap,
-        uri: &http::Uri,
-        peer: &Peer,
-        request_id: &HeaderValue,
-        upgrade: bool,
-    ) -> Result<(), ProxyError> {
-        let session = &self.config.session;
-        let rewrite = h::RequestRewrite {
-            user_header: &session.user_header,
-            session_header: &session.session_header,
-            reject_lookalikes: session.lookalike_headers == LookalikeHeaders::Reject,
-            cookie_name: (!session.forward_token).then_some(session.cookie_name.as_str()),
-            upgrade,
-            uri,
-            peer_ip: &peer.ip,
-            https: peer.tls,
-            request_id,
-        };
-        h::rewrite_request(headers, &rewrite, |v| self.carries_our_token(v))
-            .map_err(|name| ProxyError::ForbiddenHeader(name.as_str().to_string()))?;
-        // A trusted proxy's word on the client's scheme wins over the
-        // connection's own.
-        if let Some(proto) = peer.forwarded_proto {
-            headers.insert(h::X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        }
-        Ok(())
     }
 
     /// `peer` with the request's client as the trusted-proxy rules have
@@ -549,232 +294,6 @@ impl Gateway {
         peer.forwarded_proto = forwarded::forwarded_proto(values(h::X_FORWARDED_PROTO));
         peer
     }
-
-    /// Sets the identity headers of `session` (public for the benches).
-    pub fn set_identity(&self, headers: &mut HeaderMap, session: &Session) {
-        let config = &self.config.session;
-        if let Ok(v) = HeaderValue::from_str(&session.user_id) {
-            headers.insert(config.user_header.clone(), v);
-        }
-        let mut id = uuid::Uuid::encode_buffer();
-        let id = session.id.hyphenated().encode_lower(&mut id);
-        if let Ok(v) = HeaderValue::from_str(id) {
-            headers.insert(config.session_header.clone(), v);
-        }
-    }
-
-    /// Acts on `x-sessiongate-login` / `-attributes` / `-logout` in an
-    /// upstream response and removes them.
-    async fn session_headers(
-        &self,
-        headers: &mut HeaderMap,
-        presented: Presented,
-        session: Option<&Session>,
-        context: &RequestContext,
-    ) -> Result<(), ProxyError> {
-        // Most responses carry none: look at the names present once
-        // instead of hashing all three.
-        if !h::contains_any(headers, &[&h::SG_LOGIN, &h::SG_ATTRIBUTES, &h::SG_LOGOUT]) {
-            return Ok(());
-        }
-        let login = headers.remove(h::SG_LOGIN);
-        let attributes = headers.remove(h::SG_ATTRIBUTES);
-        let logout = headers.remove(h::SG_LOGOUT);
-        let presented_key = match presented {
-            Presented::Valid(key) => Some(key),
-            _ => None,
-        };
-
-        if let Some(logout) = logout {
-            match logout.as_bytes() {
-                b"current" => {
-                    if let Some(key) = presented_key {
-                        self.store.revoke(&key).await.map_err(store_down)?;
-                    }
-                }
-                b"all" => {
-                    let user = match (session, presented_key) {
-                        (Some(s), _) => Some(s.user_id.clone()),
-                        (None, Some(key)) => self
-                            .store
-                            .lookup(&key)
-                            .await
-                            .map_err(store_down)?
-                            .map(|s| s.user_id.clone()),
-                        (None, None) => None,
-                    };
-                    if let Some(user) = user {
-                        self.store.revoke_user(&user).await.map_err(store_down)?;
-                    }
-                }
-                other => {
-                    return Err(ProxyError::UpstreamProtocol(format!(
-                        "x-sessiongate-logout must be \"current\" or \"all\", not {:?}",
-                        String::from_utf8_lossy(other)
-                    )));
-                }
-            }
-            if login.is_none() {
-                headers.append(header::SET_COOKIE, self.cookie(None));
-            }
-        }
-
-        if let Some(login) = login {
-            let user_id = login
-                .to_str()
-                .map_err(|_| {
-                    ProxyError::UpstreamProtocol("x-sessiongate-login is not text".into())
-                })?
-                .to_string();
-            session::validate_user_id(&user_id)
-                .map_err(|m| ProxyError::UpstreamProtocol(format!("x-sessiongate-login {m}")))?;
-            let attributes = match attributes {
-                None => BTreeMap::new(),
-                Some(v) => parse_attributes(v.as_bytes())?,
-            };
-            // No fixation: the session the request came with ends here.
-            if let Some(key) = presented_key {
-                self.store.revoke(&key).await.map_err(store_down)?;
-            }
-            let (token, session) = self
-                .create_session(user_id, attributes, Some(&context.info()))
-                .await?;
-            // Rounded up: a cookie that dies a second early logs users out early.
-            let max_age = (session.remaining_ms(session::now_ms()) + 999) / 1000;
-            headers.append(header::SET_COOKIE, self.cookie(Some((&token, max_age))));
-        }
-        Ok(())
-    }
-
-    /// Creates a durable session for `user_id` through the policy chain
-    /// (create hooks, then eviction of the user's other sessions); returns
-    /// its token (the only copy there will ever be) and the session.
-    pub async fn create_session(
-        &self,
-        user_id: String,
-        attributes: BTreeMap<String, String>,
-        request: Option<&RequestInfo>,
-    ) -> Result<(String, Arc<Session>), ProxyError> {
-        let chain = self.chain.get();
-        let now = session::now_ms();
-        let mut session = Session::new(user_id, attributes, self.config.session.default_ttl);
-        chain
-            .on_create(&mut session, request, now)
-            .await
-            .map_err(|r: Refusal| ProxyError::from(r))?;
-        let (token, key) = self.token_key.issue();
-        let session = self.store.create(&key, session).await.map_err(store_down)?;
-        if chain.wants_evict() {
-            match self.store.list_user(&session.user_id).await {
-                Ok(live) => {
-                    for id in chain.on_evict(&session, &live, now).await {
-                        match self.store.revoke_id(id).await {
-                            Ok(_) => {
-                                tracing::info!(session_id = %id, user = %session.user_id, "session evicted by policy")
-                            }
-                            Err(e) => {
-                                tracing::warn!(session_id = %id, error = %e, "eviction failed")
-                            }
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "could not list sessions for eviction"),
-            }
-        }
-        Ok((token, session))
-    }
-
-    /// A `Set-Cookie` value carrying `token` for `max_age` seconds, or
-    /// clearing the cookie.
-    fn cookie(&self, token: Option<(&str, i64)>) -> HeaderValue {
-        let s = &self.config.session;
-        let secure = if s.cookie_secure { "; Secure" } else { "" };
-        let (value, max_age) = token.unwrap_or(("", 0));
-        let text = format!(
-            "{}={value}; Path=/; HttpOnly; SameSite=Lax{secure}; Max-Age={max_age}",
-            s.cookie_name
-        );
-        HeaderValue::from_str(&text).expect("cookie names and tokens are header-safe")
-    }
-}
-
-/// The parts of a request a create hook may see, kept past forwarding.
-struct RequestContext {
-    method: http::Method,
-    uri: http::Uri,
-    host: Option<HeaderValue>,
-    user_agent: Option<HeaderValue>,
-    client: IpAddr,
-}
-
-impl RequestContext {
-    fn info(&self) -> RequestInfo {
-        let text = |v: &Option<HeaderValue>| {
-            v.as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
-        let host = match &self.host {
-            Some(_) => text(&self.host),
-            None => self
-                .uri
-                .authority()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-        };
-        RequestInfo {
-            method: self.method.to_string(),
-            path: self.uri.path().to_string(),
-            host,
-            client_addr: self.client.to_string(),
-            user_agent: text(&self.user_agent),
-        }
-    }
-}
-
-/// The request's URI with its path in normal form, `None` when it
-/// already is (nearly always: then nothing is copied), or
-/// [`ProxyError::InvalidPath`] for an ambiguous path and for targets that
-/// are not paths (CONNECT's authority form, `OPTIONS *`).
-fn normalized_uri(method: &Method, uri: &Uri) -> Result<Option<Uri>, ProxyError> {
-    if method == Method::CONNECT {
-        return Err(ProxyError::InvalidPath);
-    }
-    let path = match crate::path::normalize(uri.path()) {
-        Ok(Cow::Borrowed(_)) => return Ok(None),
-        Ok(Cow::Owned(path)) => path,
-        Err(reason) => {
-            tracing::debug!(%reason, "request path refused");
-            return Err(ProxyError::InvalidPath);
-        }
-    };
-    let path_and_query = match uri.query() {
-        Some(query) => format!("{path}?{query}"),
-        None => path,
-    };
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query =
-        Some(PathAndQuery::try_from(path_and_query).map_err(|_| ProxyError::InvalidPath)?);
-    Uri::from_parts(parts)
-        .map(Some)
-        .map_err(|_| ProxyError::InvalidPath)
-}
-
-fn store_down(e: crate::store::StoreError) -> ProxyError {
-    tracing::error!(error = %e, "session store write failed");
-    ProxyError::StoreUnavailable
-}
-
-fn parse_attributes(bytes: &[u8]) -> Result<BTreeMap<String, String>, ProxyError> {
-    let attributes: BTreeMap<String, String> = serde_json::from_slice(bytes).map_err(|e| {
-        ProxyError::UpstreamProtocol(format!(
-            "x-sessiongate-attributes must be a JSON object of strings: {e}"
-        ))
-    })?;
-    session::validate_attributes(&attributes)
-        .map_err(|m| ProxyError::UpstreamProtocol(format!("x-sessiongate-attributes: {m}")))?;
-    Ok(attributes)
 }
 
 /// The client's request id if it is a sane one (shared, not copied),
@@ -813,7 +332,7 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The `X-Forwarded-For` value for the upstream: `addr`, or a trusted
     /// peer's verified chain once the request's header has been walked.
-    ip: HeaderValue,
+    pub(crate) ip: HeaderValue,
     /// The request's client (logs, policies): `addr`'s address, or the
     /// one a trusted peer's `X-Forwarded-For` gives.
     pub(crate) client: IpAddr,
@@ -904,44 +423,5 @@ mod tests {
             HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
         );
         assert_eq!(request_id_text(&request_id(&h)).len(), 36);
-    }
-
-    #[test]
-    fn the_uri_carries_the_normalized_path_and_the_query_unchanged() {
-        let get = Method::GET;
-        let uri = |s: &str| s.parse::<Uri>().unwrap();
-        assert_eq!(
-            normalized_uri(&get, &uri("/public/x?a=%2e%2e")).unwrap(),
-            None
-        );
-        let abs = normalized_uri(&get, &uri("http://h:1/public/../secret?q=/../%2f"));
-        assert_eq!(
-            abs.unwrap().unwrap().to_string(),
-            "http://h:1/secret?q=/../%2f"
-        );
-        let origin = normalized_uri(&get, &uri("//%61pp/./x/"));
-        assert_eq!(origin.unwrap().unwrap().to_string(), "/app/x/");
-        for target in ["/app%2fx", "/a/%2e%2e/b", "*"] {
-            assert!(matches!(
-                normalized_uri(&get, &uri(target)),
-                Err(ProxyError::InvalidPath)
-            ));
-        }
-        assert!(matches!(
-            normalized_uri(&Method::CONNECT, &uri("example.com:443")),
-            Err(ProxyError::InvalidPath)
-        ));
-        assert!(matches!(
-            normalized_uri(&Method::OPTIONS, &uri("*")),
-            Err(ProxyError::InvalidPath)
-        ));
-    }
-
-    #[test]
-    fn attributes_must_be_an_object_of_strings() {
-        assert!(parse_attributes(br#"{"a":"b"}"#).is_ok());
-        assert!(parse_attributes(br#"{"a":1}"#).is_err());
-        assert!(parse_attributes(b"[]").is_err());
-        assert!(parse_attributes(b"nope").is_err());
     }
 }

@@ -345,13 +345,13 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let gateway = Arc::new(Gateway::new(
         config.clone(),
         store.clone(),
-        token_key,
+        token_key.clone(),
         metrics,
         policies.clone(),
     ));
     let tls = match &config.server.tls {
         Some(tls_config) => Some(Arc::new(
-            EdgeTls::load(tls_config, gateway.metrics.clone()).map_err(|e| StartError::Tls {
+            EdgeTls::load(tls_config, gateway.metrics().clone()).map_err(|e| StartError::Tls {
                 file: config.source.clone(),
                 reason: e.to_string(),
             })?,
@@ -398,7 +398,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         )));
     }
 
-    let edge = Edge::new(&config.server, &gateway.metrics);
+    let edge = Edge::new(&config.server, gateway.metrics());
     if !config.server.trusted_proxies.is_empty() {
         let trusted: Vec<String> = config
             .server
@@ -435,11 +435,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             })?,
             ConnLimits::from(&config.server),
             caps,
-            Some(worker_connections(&gateway.metrics, 0)),
+            Some(worker_connections(gateway.metrics(), 0)),
             edge.clone(),
             http_builder(&config.server),
             shutdown_rx.clone(),
-            listener_tls(&tls, &gateway.metrics),
+            listener_tls(&tls, gateway.metrics()),
             proxy_handler(gateway.clone(), hsts),
         )));
     } else {
@@ -449,10 +449,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             // the token key and the metrics registry are shared.
             let worker_gateway = Arc::new(Gateway::new(
                 config.clone(),
-                gateway.store.clone(),
-                gateway.token_key.clone(),
-                gateway.metrics.clone(),
-                gateway.policies.clone(),
+                gateway.store().clone(),
+                token_key.clone(),
+                gateway.metrics().clone(),
+                gateway.policies().clone(),
             ));
             workers.push(spawn_worker(
                 index,
@@ -460,11 +460,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                 WorkerSetup {
                     limits: ConnLimits::from(&config.server),
                     caps: caps.clone(),
-                    connections: worker_connections(&gateway.metrics, index),
+                    connections: worker_connections(gateway.metrics(), index),
                     edge: edge.clone(),
                     builder: http_builder(&config.server),
                     shutdown: shutdown_rx.clone(),
-                    tls: listener_tls(&tls, &gateway.metrics),
+                    tls: listener_tls(&tls, gateway.metrics()),
                     gateway: worker_gateway,
                     hsts: hsts.clone(),
                 },
@@ -617,7 +617,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the policy plugins and the TLS certificates");
                 // The outcomes are logged by the reloads themselves.
-                let _ = running.gateway().policies.reload().await;
+                let _ = running.gateway().policies().reload().await;
                 if let Some(tls) = &running.tls {
                     let _ = tls.reload().await;
                 }

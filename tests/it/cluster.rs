@@ -126,7 +126,7 @@ async fn sessions_spread_over_every_primary_and_every_slot_is_served() {
     let metrics = gw.metrics().await;
     assert_eq!(fast_lookups(&metrics, "hit"), 300.0, "{metrics}");
     assert_eq!(fast_lookups(&metrics, "error"), 0.0, "{metrics}");
-    assert!(gw.running().gateway().store.fast_trusted());
+    assert!(gw.running().gateway().store().fast_trusted());
     gw.shutdown().await;
 }
 
@@ -179,7 +179,7 @@ async fn revoking_a_user_with_sessions_in_many_slots_leaves_tombstones_and_401s(
         0.0,
         "no revocation waited for a replay: {metrics}"
     );
-    assert!(gw.running().gateway().store.fast_trusted());
+    assert!(gw.running().gateway().store().fast_trusted());
     gw.shutdown().await;
 }
 
@@ -193,7 +193,7 @@ async fn a_failover_changes_the_fingerprint_and_the_log_is_replayed() {
     let one = OneGateway::new().await;
     let prefix = one.prefix.clone();
     let gw = Gw::start(one.config(&cluster.urls(), "redis_retry_ms = 100")).await;
-    let store = gw.running().gateway().store.clone();
+    let store = gw.running().gateway().store().clone();
     let before = store
         .fast()
         .instance_id()

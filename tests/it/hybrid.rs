@@ -692,7 +692,7 @@ async fn a_revocation_made_while_redis_is_distrusted_still_reaches_it() {
     // A: the broken connection makes it distrust Redis, for ten minutes.
     assert_eq!(a.status("/", &alice).await, 200, "served from PostgreSQL");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while a.running().gateway().store.fast_trusted() {
+    while a.running().gateway().store().fast_trusted() {
         assert!(Instant::now() < deadline, "A never noticed the restart");
         assert_eq!(a.status("/", &alice).await, 200);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -701,14 +701,14 @@ async fn a_revocation_made_while_redis_is_distrusted_still_reaches_it() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         assert_eq!(b.status("/", &alice).await, 200);
-        if b.readyz().await.0 == 200 && b.running().gateway().store.fast_trusted() {
+        if b.readyz().await.0 == 200 && b.running().gateway().store().fast_trusted() {
             break;
         }
         assert!(Instant::now() < deadline, "B never trusted Redis again");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        !a.running().gateway().store.fast_trusted(),
+        !a.running().gateway().store().fast_trusted(),
         "A still distrusts Redis"
     );
 
@@ -1613,7 +1613,7 @@ async fn the_activity_buffer_is_bounded_and_drops_the_longest_waiting() {
         2.0,
         "{metrics}"
     );
-    assert_eq!(gw.running().gateway().store.pending_activity(), 3);
+    assert_eq!(gw.running().gateway().store().pending_activity(), 3);
 
     // The shutdown flush writes the three newest; the two dropped keep the
     // durable tier's older time (the fast tier had them meanwhile).
