@@ -12,7 +12,11 @@
 //! | [`server`] | stores, listeners, connection cap, background tasks, graceful shutdown |
 //! | `tls` | HTTPS for clients: the rustls config, certificates by SNI, reload without dropping connections |
 //! | [`path`] | the request path's one normal form (what is routed on, logged and forwarded), or 400 |
-//! | [`proxy`] | the request path: route → authenticate → rewrite → forward → respond |
+//! | [`proxy`] | the request pipeline: the phases below, in order, for one request |
+//! | `route` | the route phase: the path's normal form, the longest matching prefix |
+//! | [`authn`] | the authenticate phase: token → session → the policy chain's access decision |
+//! | [`forward`] | the rewrite, forward and respond phases: the upstream's view of a request, the call, upgrades |
+//! | [`sessions`] | the session service: create, revoke, evict, the `x-sessiongate-*` directives, cookies (proxy and admin API alike) |
 //! | [`upstream`] | pooled upstream clients (HTTP and HTTPS), round robin, skipping refused URLs |
 //! | `worker` | which per-core worker a thread is (`server.worker_threads`), for per-worker shards |
 //! | `backend_tls` | TLS to the backends: PEM files checked at config time, the rustls client of HTTPS upstreams |
@@ -39,19 +43,20 @@
 //! [`proxy::Gateway::handle`], which first settles who the client is
 //! (a trusted proxy's `X-Forwarded-For`). It normalizes the path once with
 //! [`path::normalize`] (400 for a path that reads two ways; that one path
-//! is routed on, logged, shown to policies and forwarded), picks the
-//! longest matching route,
+//! is routed on, logged, shown to policies and forwarded), and `route`
+//! picks the longest matching route. [`authn::Authenticator`]
 //! extracts the token from `Authorization: Bearer` or the session cookie,
 //! verifies its MAC with [`token::TokenKey`] (no store sees a forged
 //! token), and looks its hash up in [`store::SessionStore`]: the fast tier,
 //! then the durable tier with a restore into the fast tier. The
 //! chain of [`policy`] plugins then allows the request, extends the
-//! session's expiry or denies it. The request
-//! goes to an [`upstream::Upstream`] with client-supplied identity headers
+//! session's expiry or denies it. [`forward::Forwarder`] sends the request
+//! to an [`upstream::Upstream`] with client-supplied identity headers
 //! (and their look-alikes) removed and the session's identity added, its
-//! body bounded in size and pace, and only a WebSocket upgrade bridged. On the way back, the
-//! upstream's `x-sessiongate-login` / `-logout` headers create or revoke
-//! sessions and become `Set-Cookie`. Any failure becomes a
+//! body bounded in size and pace, and only a WebSocket upgrade bridged. On
+//! the way back, [`sessions::SessionService`] acts on the upstream's
+//! `x-sessiongate-login` / `-logout` headers: it creates or revokes
+//! sessions and sets the cookie. Any failure becomes a
 //! [`error::ProxyError`] and, in one place, the contract's JSON error.
 
 pub mod admin;

@@ -1,7 +1,7 @@
 //! The request pipeline: the proxy's phases, in pingora's order, each
 //! owned by its own module.
 //!
-//! 1. **route** ([`crate::route`]) — the path is normalized (400 if it is
+//! 1. **route** (`route.rs`) — the path is normalized (400 if it is
 //!    ambiguous, or for a CONNECT / `OPTIONS *` target) and from then on
 //!    the request carries only that path; the longest matching prefix
 //!    picks the route (404 if none).
