@@ -148,14 +148,13 @@ impl Authenticator {
         }
     }
 
-    /// Authenticates a request to a route with `auth` mode: its token,
-    /// its session, and the access hooks' decision (a policy's new expiry
-    /// is written, and `last_seen_at` kept current).
-    pub(crate) async fn authenticate(
+    /// The request's token and live session, or the refusal the route's
+    /// `auth` mode makes of their absence. Authentication is this, then
+    /// [`Authenticator::authorize`] (the proxy and forward-auth alike).
+    pub(crate) async fn identify(
         &self,
         auth: AuthMode,
         headers: &HeaderMap,
-        context: &RequestContext,
         request_id: &str,
     ) -> Result<Authenticated, ProxyError> {
         let presented = self.presented_token(headers);
@@ -180,10 +179,24 @@ impl Authenticator {
                 }
             },
         };
+        // Every arm above already refuses this; kept so that a new arm
+        // can never let a required route through without a session.
         if auth == AuthMode::Required && session.is_none() {
             return Err(ProxyError::InvalidSession);
         }
-        if let (Some(s), Presented::Valid(key)) = (&session, presented) {
+        Ok(Authenticated { presented, session })
+    }
+
+    /// The policy chain's access decision on an identified request (a
+    /// policy's new expiry is written, and `last_seen_at` kept current).
+    /// Separate from [`Authenticator::identify`] so that a refused
+    /// request's log line still names its session.
+    pub(crate) async fn authorize(
+        &self,
+        who: &Authenticated,
+        context: &RequestContext,
+    ) -> Result<(), ProxyError> {
+        if let (Some(s), Presented::Valid(key)) = (&who.session, who.presented) {
             let chain = self.chain.get();
             let extend = if chain.wants_access() {
                 match chain.on_access(s, &context.info(), session::now_ms()).await {
@@ -196,7 +209,7 @@ impl Authenticator {
             };
             self.note_activity(&key, s, extend).await;
         }
-        Ok(Authenticated { presented, session })
+        Ok(())
     }
 
     /// Keeps `last_seen_at` current to within `session.touch_interval`

@@ -247,14 +247,10 @@ impl Gateway {
         let context = RequestContext::new(req.method(), req.uri(), req.headers(), peer.client);
         let who = self
             .auth
-            .authenticate(
-                route.auth,
-                req.headers(),
-                &context,
-                request_id_text(request_id),
-            )
+            .identify(route.auth, req.headers(), request_id_text(request_id))
             .await?;
         outcome.session_id = who.session.as_ref().map(|s| s.id);
+        self.auth.authorize(&who, &context).await?;
 
         let forwarded = self
             .forwarder
