@@ -82,6 +82,7 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     admin: Option<RawAdmin>,
+    forward_auth: Option<RawForwardAuth>,
     #[serde(default)]
     store: RawStore,
     #[serde(default)]
@@ -165,6 +166,18 @@ struct RawAdmin {
     unknown: BTreeMap<String, figment::value::Value>,
     listen: Option<String>,
     token: Option<String>,
+    max_connections: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawForwardAuth {
+    /// Keys we do not know: reported, all of them, as problems.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, figment::value::Value>,
+    listen: Option<String>,
+    caller: Option<String>,
+    path_prefix: Option<String>,
+    allow_from: Option<Vec<String>>,
     max_connections: Option<u64>,
 }
 
@@ -276,6 +289,8 @@ pub struct Config {
     pub path: Option<PathBuf>,
     pub server: ServerConfig,
     pub admin: Option<AdminConfig>,
+    /// `[forward_auth]`: the auth sub-request listener (`forward_auth.rs`).
+    pub forward_auth: Option<crate::forward_auth::ForwardAuthConfig>,
     pub store: StoreConfig,
     pub session: SessionConfig,
     pub log: LogConfig,
@@ -761,6 +776,43 @@ impl Config {
             }
         });
 
+        let forward_auth = raw.forward_auth.map(|f| {
+            v.unknown("forward_auth", &f.unknown);
+            let listen = v.addr("forward_auth.listen", f.listen.as_deref(), "127.0.0.1:9091");
+            let max_connections =
+                v.positive("forward_auth.max_connections", f.max_connections, 256) as usize;
+            let default_allow = ["127.0.0.0/8".to_string(), "::1".to_string()];
+            let mut allow_from = Vec::new();
+            for (i, entry) in f
+                .allow_from
+                .as_deref()
+                .unwrap_or(&default_allow)
+                .iter()
+                .enumerate()
+            {
+                match crate::forwarded::TrustedProxies::parse_entry(entry) {
+                    Ok(net) => allow_from.push(net),
+                    Err(message) => v.problem(format!("forward_auth.allow_from[{i}]"), message),
+                }
+            }
+            let caller =
+                crate::forward_auth::Caller::parse(f.caller.as_deref()).unwrap_or_else(|message| {
+                    v.problem("forward_auth.caller", message);
+                    crate::forward_auth::Caller::Nginx
+                });
+            let path_prefix = f.path_prefix.unwrap_or_default();
+            if let Err(message) = crate::forward_auth::check_path_prefix(caller, &path_prefix) {
+                v.problem("forward_auth.path_prefix", message);
+            }
+            crate::forward_auth::ForwardAuthConfig {
+                listen,
+                caller,
+                path_prefix,
+                allow_from,
+                max_connections,
+            }
+        });
+
         let database_url = raw
             .store
             .database_url
@@ -1135,6 +1187,7 @@ impl Config {
                 path: None,
                 server,
                 admin,
+                forward_auth,
                 store,
                 session,
                 log,

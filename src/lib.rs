@@ -29,6 +29,7 @@
 //! | [`policy`] | WebAssembly policy plugins: the wasmtime host, the chain, hot swap |
 //! | [`tools`] | operator tools (`sessiongate plugin try`) |
 //! | [`admin`] | the admin API, `/healthz`, `/readyz`, `/metrics` |
+//! | [`forward_auth`] | `[forward_auth]`: auth sub-requests from nginx `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`, routed and authenticated as the proxy does |
 //! | [`error`] | the one place an error becomes an HTTP response |
 //! | [`metrics`], [`telemetry`] | Prometheus metrics and structured logs |
 //!
@@ -66,6 +67,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod forward_auth;
 pub mod forwarded;
 pub mod headers;
 pub(crate) mod limits;

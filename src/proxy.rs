@@ -122,6 +122,16 @@ impl Gateway {
         &self.sessions
     }
 
+    /// The route phase's table (forward-auth routes through it too).
+    pub(crate) fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    /// The authenticate phase (forward-auth authenticates through it too).
+    pub(crate) fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+
     /// The rewrite and forward phases (public for the benches).
     pub fn forwarder(&self) -> &Forwarder {
         &self.forwarder
@@ -277,7 +287,7 @@ impl Gateway {
     /// `X-Forwarded-For` hop, the verified chain for the upstream, and
     /// `X-Forwarded-Proto`; from any other, `peer` unchanged (and no
     /// work: the common case).
-    fn forwarded(&self, mut peer: Peer, headers: &HeaderMap) -> Peer {
+    pub(crate) fn forwarded(&self, mut peer: Peer, headers: &HeaderMap) -> Peer {
         if !self.trusted.contains(peer.addr.ip()) {
             return peer;
         }
@@ -294,7 +304,7 @@ impl Gateway {
 
 /// The client's request id if it is a sane one (shared, not copied),
 /// else a new UUID v7.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(X_REQUEST_ID) {
         let bytes = v.as_bytes();
         if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic) {
@@ -314,7 +324,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// A request id as text: every id [`request_id`] returns is ASCII.
-fn request_id_text(id: &HeaderValue) -> &str {
+pub(crate) fn request_id_text(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("-")
 }
 
@@ -383,7 +393,7 @@ impl Peer {
     }
 }
 
-fn accepts_html(headers: &HeaderMap) -> bool {
+pub(crate) fn accepts_html(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT)
         .iter()
@@ -391,7 +401,7 @@ fn accepts_html(headers: &HeaderMap) -> bool {
         .any(|v| v.contains("text/html"))
 }
 
-fn login_redirect(location: &str) -> Response<Body> {
+pub(crate) fn login_redirect(location: &str) -> Response<Body> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = StatusCode::FOUND;
     if let Ok(v) = HeaderValue::from_str(location) {

@@ -251,6 +251,7 @@ pub async fn open_store(
 pub struct RunningGateway {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    forward_auth_addr: Option<SocketAddr>,
     redirect_addr: Option<SocketAddr>,
     tls: Option<Arc<EdgeTls>>,
     gateway: Arc<Gateway>,
@@ -273,6 +274,12 @@ impl RunningGateway {
     /// The admin listener's address, when `[admin]` is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The forward-auth listener's address, when `[forward_auth]` is
+    /// configured.
+    pub fn forward_auth_addr(&self) -> Option<SocketAddr> {
+        self.forward_auth_addr
     }
 
     /// The plain-HTTP listener that redirects to HTTPS, when
@@ -395,6 +402,33 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             shutdown_rx.clone(),
             None,
             move |req, _peer: &Peer| admin.clone().handle(req),
+        )));
+    }
+
+    let mut forward_auth_addr = None;
+    if let Some(fa_config) = &config.forward_auth {
+        let fa_listener = bind(fa_config.listen, "forward_auth.listen")
+            .and_then(|l| registered(l, fa_config.listen, "forward_auth.listen"))?;
+        forward_auth_addr = fa_listener.local_addr().ok();
+        let forward_auth = Arc::new(crate::forward_auth::ForwardAuth::new(
+            gateway.clone(),
+            fa_config.clone(),
+        ));
+        // Its own connection budget, so that proxy clients cannot take it.
+        let limits = ConnLimits {
+            max_connections: fa_config.max_connections,
+            ..ConnLimits::from(&config.server)
+        };
+        tasks.push(tokio::spawn(serve(
+            fa_listener,
+            limits,
+            Caps::new(&limits),
+            None,
+            Edge::default(),
+            http_builder(&config.server),
+            shutdown_rx.clone(),
+            None,
+            move |req, peer: &Peer| forward_auth.clone().handle(req, peer.clone()),
         )));
     }
 
@@ -545,12 +579,14 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         https = tls.is_some(),
         redirect = ?redirect_addr,
         admin = ?admin_addr,
+        forward_auth = ?forward_auth_addr,
         durable = %config.redacted_database_url(),
         "sessiongate is serving"
     );
     Ok(RunningGateway {
         addr,
         admin_addr,
+        forward_auth_addr,
         redirect_addr,
         tls,
         gateway,
