@@ -836,6 +836,11 @@ impl GatewayUnderTest {
         self.dir
     }
 
+    /// The forward-auth listener (`[forward_auth]`).
+    pub fn forward_auth_addr(&self) -> Option<SocketAddr> {
+        self.running.as_ref().and_then(|r| r.forward_auth_addr())
+    }
+
     /// The plain-HTTP redirect listener (`server.tls.redirect_listen`).
     pub fn redirect_addr(&self) -> Option<SocketAddr> {
         self.running.as_ref().and_then(|r| r.redirect_addr())

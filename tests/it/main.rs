@@ -6,6 +6,7 @@ mod backend_tls;
 mod cluster;
 mod config_cli;
 mod cores;
+mod forward_auth;
 mod harness;
 mod hybrid;
 mod instances;

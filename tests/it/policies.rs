@@ -27,7 +27,7 @@ fn plugins() -> &'static Path {
     })
 }
 
-fn bundled(name: &str) -> String {
+pub(crate) fn bundled(name: &str) -> String {
     plugins().join(format!("{name}.wasm")).display().to_string()
 }
 
