@@ -256,7 +256,11 @@ pub(crate) fn original<B>(
         }
         Caller::Envoy => {
             let target = req.uri();
-            if target.scheme().is_some() || target.authority().is_some() {
+            // Over HTTP/2 the target always carries `:scheme` and
+            // `:authority`; over HTTP/1.1 Envoy sends the origin form.
+            if req.version() < http::Version::HTTP_2
+                && (target.scheme().is_some() || target.authority().is_some())
+            {
                 return Err(Unreadable::new(
                     "the request target",
                     "is not a path (absolute form)",
@@ -272,8 +276,11 @@ pub(crate) fn original<B>(
                 ))?;
             let uri = parse_original_uri(rest.as_bytes())
                 .map_err(|problem| Unreadable::new("the request target", problem))?;
-            let host = one(headers, &header::HOST, "Host")?;
-            (req.method().clone(), uri, host.cloned())
+            let host = one(headers, &header::HOST, "Host")?.cloned().or_else(|| {
+                let authority = target.authority()?;
+                HeaderValue::from_str(authority.as_str()).ok()
+            });
+            (req.method().clone(), uri, host)
         }
     };
     Ok(match normalized_uri(&method, &uri) {
@@ -586,6 +593,19 @@ mod tests {
             .body(())
             .unwrap();
         assert!(original(Caller::Envoy, "/ext-authz", &req).is_err());
+        // Over HTTP/2 the target always has an authority: the host.
+        let req = Request::builder()
+            .version(http::Version::HTTP_2)
+            .uri("http://app.example/ext-authz/x")
+            .body(())
+            .unwrap();
+        let o = original(Caller::Envoy, "/ext-authz", &req)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (o.uri.path(), o.host.unwrap()),
+            ("/x", HeaderValue::from_static("app.example"))
+        );
     }
 
     #[test]

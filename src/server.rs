@@ -415,8 +415,11 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             fa_config.clone(),
         ));
         // Its own connection budget, so that proxy clients cannot take it.
+        // The callers are few and allow-listed, each with many clients
+        // behind it: no per-client cap below the listener's own.
         let limits = ConnLimits {
             max_connections: fa_config.max_connections,
+            per_client: fa_config.max_connections,
             ..ConnLimits::from(&config.server)
         };
         tasks.push(tokio::spawn(serve(

@@ -276,10 +276,13 @@ async fn behaviour(front: &Front) {
     let forged = [
         ("x-user-id", "mallory"),
         ("x-session-id", "00000000-0000-0000-0000-000000000000"),
+        // A look-alike that CGI-style servers read as x-user-id.
+        ("x_user_id", "mallory"),
     ];
     for path in ["/public/x", "/opt/x"] {
         let seen = front.seen(path, None, &forged).await;
         assert_eq!(header(&seen, "x-user-id"), None, "{mode:?} {path} {seen}");
+        assert_eq!(header(&seen, "x_user_id"), None, "{mode:?} {path} {seen}");
         assert_eq!(
             header(&seen, "x-session-id"),
             None,
