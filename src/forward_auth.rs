@@ -8,7 +8,7 @@
 //! is routed and authenticated exactly as the proxy does it, through the
 //! same pieces: [`crate::route::normalized_uri`] and the gateway's
 //! [`crate::route::Routes`], then [`crate::authn::Authenticator`] (token,
-//! session, the policy chain). The answer is 200 with the identity in the
+//! session, then the policy chain). The answer is 200 with the identity in the
 //! headers `session.user_header` and `session.session_header` (set by
 //! [`crate::forward::set_identity`]) for the caller to copy onto the
 //! request it forwards, or a refusal.
@@ -321,11 +321,10 @@ impl Gateway {
         let mut context =
             RequestContext::new(&original.method, &original.uri, headers, peer.client);
         context.host = original.host.clone();
-        let who = self
-            .authenticator()
-            .authenticate(route.auth, headers, &context, request_id)
-            .await?;
+        let auth = self.authenticator();
+        let who = auth.identify(route.auth, headers, request_id).await?;
         outcome.session_id = who.session.as_ref().map(|s| s.id);
+        auth.authorize(&who, &context).await?;
         Ok(who.session)
     }
 }
