@@ -29,6 +29,8 @@ pub struct Admin {
     gateway: Arc<Gateway>,
     /// The HTTPS listener's certificates, with `[server.tls]`.
     tls: Option<Arc<EdgeTls>>,
+    /// `/v1/config/reload`, and the current gateway after one.
+    reload: Option<Arc<crate::reload::Reloader>>,
     /// SHA-256 of the admin token: comparing digests keeps the comparison
     /// constant-time whatever the presented token's length.
     token_digest: [u8; 32],
@@ -47,6 +49,7 @@ enum AdminError {
     Create(crate::error::ProxyError),
     ReloadFailed(String),
     TlsReloadFailed(String),
+    ConfigReload(crate::reload::ReloadError),
 }
 
 impl AdminError {
@@ -93,6 +96,11 @@ impl AdminError {
                 "reload_failed",
                 format!("{reason}; the previous certificates stay in service"),
             ),
+            AdminError::ConfigReload(e) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                e.code(),
+                format!("{e}; the previous config stays in service"),
+            ),
         };
         let mut resp = json_error(status, code, &message, request_id);
         if status == StatusCode::UNAUTHORIZED {
@@ -121,6 +129,7 @@ impl Admin {
         Admin {
             gateway,
             tls: None,
+            reload: None,
             token_digest: Sha256::digest(token.as_bytes()).into(),
         }
     }
@@ -128,6 +137,13 @@ impl Admin {
     /// Serves `/v1/tls` and `/v1/tls/reload` for these certificates.
     pub(crate) fn with_tls(mut self, tls: Option<Arc<EdgeTls>>) -> Admin {
         self.tls = tls;
+        self
+    }
+
+    /// Serves `/v1/config/reload`, and creates sessions with the
+    /// reloaded session settings.
+    pub(crate) fn with_reload(mut self, reload: Arc<crate::reload::Reloader>) -> Admin {
+        self.reload = Some(reload);
         self
     }
 
@@ -234,6 +250,19 @@ impl Admin {
             (_, ["v1", "policies"] | ["v1", "policies", "reload"]) => {
                 Err(AdminError::MethodNotAllowed)
             }
+            (&Method::POST, ["v1", "config", "reload"]) => {
+                let Some(reload) = &self.reload else {
+                    return Err(AdminError::NotFound("path"));
+                };
+                match reload.reload().await {
+                    Ok(done) => Ok(json(
+                        StatusCode::OK,
+                        serde_json::json!({ "changed": done.changed }),
+                    )),
+                    Err(e) => Err(AdminError::ConfigReload(e)),
+                }
+            }
+            (_, ["v1", "config", "reload"]) => Err(AdminError::MethodNotAllowed),
             (_, ["v1", "tls", ..]) if self.tls.is_none() => {
                 Err(AdminError::NotFound("[server.tls] configuration"))
             }
@@ -299,8 +328,11 @@ impl Admin {
                 .map_err(|_| bad("attributes", "must be an object of strings"))?,
         };
         session::validate_attributes(&attributes).map_err(|m| bad("attributes", &m))?;
-        let (token, session) = self
-            .gateway
+        let gateway = match &self.reload {
+            Some(reload) => reload.current(),
+            None => self.gateway.clone(),
+        };
+        let (token, session) = gateway
             .create_session(user_id, attributes, None)
             .await
             .map_err(AdminError::Create)?;

@@ -53,18 +53,29 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub(crate) fn new(
+    /// The forwarder of `config`, with `upstreams` (one per
+    /// `config.upstreams`, in order: a reload's kept and new ones), or new
+    /// ones.
+    pub(crate) fn with_upstreams(
         config: Arc<Config>,
         token_key: TokenKey,
         metrics: Arc<Metrics>,
+        upstreams: Option<Vec<Arc<Upstream>>>,
     ) -> Forwarder {
-        let upstreams = config.upstreams.iter().map(Upstream::new).collect();
+        let upstreams = upstreams
+            .filter(|u| u.len() == config.upstreams.len())
+            .unwrap_or_else(|| config.upstreams.iter().map(Upstream::new).collect());
         Forwarder {
             config,
             token_key,
             upstreams,
             metrics,
         }
+    }
+
+    /// The upstreams, one per `config.upstreams` (a reload reuses them).
+    pub(crate) fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
     }
 
     /// Rewrites the request for the upstream and sends it; `session`'s

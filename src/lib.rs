@@ -17,6 +17,7 @@
 //! | [`authn`] | the authenticate phase: token → session → the policy chain's access decision |
 //! | [`forward`] | the rewrite, forward and respond phases: the upstream's view of a request, the call, upgrades |
 //! | [`sessions`] | the session service: create, revoke, evict, the `x-sessiongate-*` directives, cookies (proxy and admin API alike) |
+//! | [`reload`] | live config: what a reload changes, what needs a restart, the atomic swap of every worker's gateway |
 //! | [`upstream`] | pooled upstream clients (HTTP and HTTPS), round robin, skipping refused URLs |
 //! | `worker` | which per-core worker a thread is (`server.worker_threads`), for per-worker shards |
 //! | `backend_tls` | TLS to the backends: PEM files checked at config time, the rustls client of HTTPS upstreams |
@@ -75,6 +76,7 @@ pub mod metrics;
 pub mod path;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub(crate) mod route;
 pub mod server;
 pub mod session;

@@ -308,6 +308,9 @@ pub struct Metrics {
     pub policy_calls: Family<PolicyCallLabels, WorkerCounter>,
     pub policy_failures: Family<PolicyFailureLabels, Counter>,
     pub policy_reloads: Family<ResultLabels, Counter>,
+    /// Config reloads (`reload.rs`) by result: `ok`, `invalid`,
+    /// `restart_required`, `failed`.
+    pub config_reloads: Family<ResultLabels, Counter>,
     pub local_cache: LocalCacheMetrics,
     /// Plugin log lines over `plugins.log_lines_per_second`, not written.
     pub plugin_log_dropped: Family<PluginLabels, Counter>,
@@ -366,6 +369,12 @@ impl Metrics {
             "policy_reloads",
             "Policy chain reloads by result",
             policy_reloads.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads (admin, SIGHUP, file watch) by result (ok, invalid, restart_required, failed); on any but ok the previous config stays in service",
+            config_reloads.clone(),
         );
         registry.register(
             "durable_lookup_queries",
@@ -486,6 +495,7 @@ impl Metrics {
             policy_calls,
             policy_failures,
             policy_reloads,
+            config_reloads,
             local_cache,
             plugin_log_dropped,
             activity_dropped,
@@ -554,6 +564,12 @@ impl Metrics {
     pub fn policy_failure(&self, plugin: &'static str, kind: &'static str) {
         self.policy_failures
             .get_or_create(&PolicyFailureLabels { plugin, kind })
+            .inc();
+    }
+
+    pub fn config_reload(&self, result: &'static str) {
+        self.config_reloads
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 

@@ -72,6 +72,20 @@ impl Gateway {
         metrics: Arc<Metrics>,
         policies: Arc<Policies>,
     ) -> Gateway {
+        Gateway::with_upstreams(config, store, token_key, metrics, policies, None)
+    }
+
+    /// [`Gateway::new`] with the upstreams given (one per
+    /// `config.upstreams`, in order) rather than new ones: a config reload
+    /// keeps the warm pools of the upstreams it did not change.
+    pub(crate) fn with_upstreams(
+        config: Arc<Config>,
+        store: SessionStore,
+        token_key: TokenKey,
+        metrics: Arc<Metrics>,
+        policies: Arc<Policies>,
+        upstreams: Option<Vec<Arc<crate::upstream::Upstream>>>,
+    ) -> Gateway {
         let chain = Arc::new(policies.cache());
         let routes = Routes::new(&config, &metrics);
         let trusted = TrustedProxies::new(config.server.trusted_proxies.iter().copied());
@@ -87,7 +101,7 @@ impl Gateway {
             config.session.clone(),
             chain,
         ));
-        let forwarder = Forwarder::new(config.clone(), token_key, metrics.clone());
+        let forwarder = Forwarder::with_upstreams(config.clone(), token_key, metrics.clone(), upstreams);
         Gateway {
             trusted,
             config,

@@ -46,6 +46,7 @@ use crate::limits::{ClientCounts, ConnBudget, ConnState};
 use crate::metrics::Metrics;
 use crate::policy::{Policies, PolicyChain};
 use crate::proxy::{Gateway, Peer};
+use crate::reload::Reloader;
 use crate::store::layered::{Announcing, LayeredTier};
 use crate::store::memory::MemoryTier;
 use crate::store::postgres::{PoolSettings, PostgresTier};
@@ -54,6 +55,7 @@ use crate::store::sqlite::SqliteTier;
 use crate::store::{DurableTier, FastTier, SessionStore, StoreError, StoreOptions};
 use crate::tls::EdgeTls;
 use crate::token::TokenKey;
+use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 
 /// Why the gateway could not start.
@@ -255,6 +257,7 @@ pub struct RunningGateway {
     redirect_addr: Option<SocketAddr>,
     tls: Option<Arc<EdgeTls>>,
     gateway: Arc<Gateway>,
+    reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// The per-core workers (`server.worker_threads` ≥ 2), none otherwise.
@@ -288,8 +291,16 @@ impl RunningGateway {
         self.redirect_addr
     }
 
+    /// The gateway as started (its store, metrics and policies are the
+    /// running ones; its routes are the start's: see
+    /// [`RunningGateway::reloader`] for the current one).
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
+    }
+
+    /// Reloads the config file (`POST /v1/config/reload`, SIGHUP).
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
     }
 
     /// Stops accepting, drains in-flight requests (up to the grace period)
@@ -380,13 +391,43 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             source,
         })?;
 
+    // One slot per gateway: the first is the admin API's (and, with one
+    // worker, the one that serves), then one per worker; a config reload
+    // (reload.rs) swaps them all, and a request loads its slot once.
+    let primary = Arc::new(ArcSwap::new(gateway.clone()));
+    let worker_slots: Vec<Arc<ArcSwap<Gateway>>> = (0..worker_count)
+        .filter(|_| worker_count > 1)
+        .map(|_| {
+            // Its own gateway: its own upstream pools and round robin.
+            // The store, the policy chain (one swap reaches every worker),
+            // the token key and the metrics registry are shared.
+            Arc::new(ArcSwap::from_pointee(Gateway::new(
+                config.clone(),
+                store.clone(),
+                token_key.clone(),
+                gateway.metrics().clone(),
+                policies.clone(),
+            )))
+        })
+        .collect();
+    let reloader = Arc::new(Reloader::new(
+        config.clone(),
+        std::iter::once(primary.clone())
+            .chain(worker_slots.iter().cloned())
+            .collect(),
+        token_key.clone(),
+    ));
+
     let mut admin_addr = None;
     if let Some(admin_config) = &config.admin {
         let admin_listener = bind(admin_config.listen, "admin.listen")
             .and_then(|l| registered(l, admin_config.listen, "admin.listen"))?;
         admin_addr = admin_listener.local_addr().ok();
-        let admin =
-            Arc::new(Admin::new(gateway.clone(), &admin_config.token).with_tls(tls.clone()));
+        let admin = Arc::new(
+            Admin::new(gateway.clone(), &admin_config.token)
+                .with_tls(tls.clone())
+                .with_reload(reloader.clone()),
+        );
         // Its own connection budget, so that proxy clients cannot take it.
         let limits = ConnLimits {
             max_connections: admin_config.max_connections,
@@ -477,20 +518,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             http_builder(&config.server),
             shutdown_rx.clone(),
             listener_tls(&tls, gateway.metrics()),
-            proxy_handler(gateway.clone(), hsts),
+            proxy_handler(primary.clone(), hsts),
         )));
     } else {
-        for (index, listener) in listeners.into_iter().enumerate() {
-            // Its own gateway: its own upstream pools and round robin.
-            // The store, the policy chain (one swap reaches every worker),
-            // the token key and the metrics registry are shared.
-            let worker_gateway = Arc::new(Gateway::new(
-                config.clone(),
-                gateway.store().clone(),
-                token_key.clone(),
-                gateway.metrics().clone(),
-                gateway.policies().clone(),
-            ));
+        for ((index, listener), worker_gateway) in
+            listeners.into_iter().enumerate().zip(worker_slots)
+        {
             workers.push(spawn_worker(
                 index,
                 listener,
@@ -559,18 +592,27 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         )),
         tokio::spawn(async move { store.maintain(maintenance_rx.clone()).await }),
     ];
-    if config.plugins.watch && !config.policies.is_empty() {
+    // With a config file, its change (or a plugin file's) reloads the
+    // whole config, the chain included (reload.rs); without one, the
+    // plugin files' reload the chain.
+    if config.plugins.watch && (reloader.has_file() || !config.policies.is_empty()) {
         let stamps = policies.clone();
+        let reload = reloader.clone();
         tasks.push(tokio::spawn(watch_files(
-            "a policy plugin file",
+            "the config file or a policy plugin file",
             Settle::No,
             config.plugins.watch_interval,
             shutdown_rx.clone(),
             move || stamps.file_stamps(),
             move || {
-                let policies = policies.clone();
+                let (policies, reload) = (policies.clone(), reload.clone());
+                // The outcomes are logged by the reloads themselves.
                 async move {
-                    let _ = policies.reload().await;
+                    if reload.has_file() {
+                        let _ = reload.reload().await;
+                    } else {
+                        let _ = policies.reload().await;
+                    }
                 }
             },
         )));
@@ -593,6 +635,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         redirect_addr,
         tls,
         gateway,
+        reloader,
         shutdown: shutdown_tx,
         tasks,
         workers,
@@ -641,7 +684,8 @@ pub fn check_tls(config: &Config) -> Result<usize, StartError> {
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP
-/// reloads the policy plugins and the TLS certificates.
+/// reloads the config (routes, upstreams, session settings, the policy
+/// plugins: reload.rs) and the TLS certificates.
 pub async fn run(config: Config) -> Result<(), StartError> {
     use tokio::signal::unix::{SignalKind, signal};
     // Handlers first: a signal that arrives while starting is not lost.
@@ -654,9 +698,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the policy plugins and the TLS certificates");
+                tracing::info!("SIGHUP: reloading the config, the policy plugins and the TLS certificates");
                 // The outcomes are logged by the reloads themselves.
-                let _ = running.gateway().policies().reload().await;
+                if running.reloader.has_file() {
+                    let _ = running.reloader.reload().await;
+                } else {
+                    let _ = running.gateway().policies().reload().await;
+                }
                 if let Some(tls) = &running.tls {
                     let _ = tls.reload().await;
                 }
@@ -914,12 +962,18 @@ fn listener_tls(tls: &Option<Arc<EdgeTls>>, metrics: &Arc<Metrics>) -> Option<Ar
 }
 
 /// The proxy listener's handler: the gateway, and HSTS on HTTPS.
+///
+/// The gateway is loaded once per request, not per connection: a
+/// keep-alive connection's next request sees a reloaded config, and a
+/// request holds the one it started with to its end. The load costs what
+/// the `Arc` clone it replaces did plus a thread-local slot (no shared
+/// write: each worker's slot and gateway are its own).
 fn proxy_handler(
-    gateway: Arc<Gateway>,
+    gateway: Arc<ArcSwap<Gateway>>,
     hsts: Option<http::HeaderValue>,
 ) -> impl Fn(Request<Incoming>, &Peer) -> ProxyResponse + Clone + Send + Sync + 'static {
     move |req, peer: &Peer| ProxyResponse {
-        response: Box::pin(gateway.clone().handle(req, peer.clone())),
+        response: Box::pin(gateway.load_full().handle(req, peer.clone())),
         hsts: hsts.clone(),
     }
 }
@@ -953,7 +1007,7 @@ struct WorkerSetup {
     builder: auto::Builder<TokioExecutor>,
     shutdown: watch::Receiver<bool>,
     tls: Option<Arc<ListenerTls>>,
-    gateway: Arc<Gateway>,
+    gateway: Arc<ArcSwap<Gateway>>,
     hsts: Option<http::HeaderValue>,
 }
 
