@@ -101,7 +101,8 @@ impl Gateway {
             config.session.clone(),
             chain,
         ));
-        let forwarder = Forwarder::with_upstreams(config.clone(), token_key, metrics.clone(), upstreams);
+        let forwarder =
+            Forwarder::with_upstreams(config.clone(), token_key, metrics.clone(), upstreams);
         Gateway {
             trusted,
             config,

@@ -272,13 +272,22 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
     };
     let (o, n) = (&old.server, &new.server);
     check("server.listen", o.listen == n.listen);
-    check("server.worker_threads", o.worker_threads == n.worker_threads);
-    check("server.max_connections", o.max_connections == n.max_connections);
+    check(
+        "server.worker_threads",
+        o.worker_threads == n.worker_threads,
+    );
+    check(
+        "server.max_connections",
+        o.max_connections == n.max_connections,
+    );
     check(
         "server.max_connections_per_client",
         o.max_connections_per_client == n.max_connections_per_client,
     );
-    check("server.shutdown_grace_ms", o.shutdown_grace == n.shutdown_grace);
+    check(
+        "server.shutdown_grace_ms",
+        o.shutdown_grace == n.shutdown_grace,
+    );
     check(
         "server.first_byte_timeout_ms",
         o.first_byte_timeout == n.first_byte_timeout,
@@ -306,13 +315,25 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
     );
     // The listener's edge (the PROXY header, the per-client cap's
     // exemption) is built from these at start, not only the gateway.
-    check("server.trusted_proxies", o.trusted_proxies == n.trusted_proxies);
-    check("server.proxy_protocol", o.proxy_protocol == n.proxy_protocol);
+    check(
+        "server.trusted_proxies",
+        o.trusted_proxies == n.trusted_proxies,
+    );
+    check(
+        "server.proxy_protocol",
+        o.proxy_protocol == n.proxy_protocol,
+    );
     match (&o.tls, &n.tls) {
         (None, None) => {}
         (Some(o), Some(n)) => {
-            check("server.tls.cert_file", o.default.cert_file == n.default.cert_file);
-            check("server.tls.key_file", o.default.key_file == n.default.key_file);
+            check(
+                "server.tls.cert_file",
+                o.default.cert_file == n.default.cert_file,
+            );
+            check(
+                "server.tls.key_file",
+                o.default.key_file == n.default.key_file,
+            );
             check("server.tls.certificates", o.certificates == n.certificates);
             check(
                 "server.tls.redirect_listen",
@@ -336,7 +357,10 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
         (Some(o), Some(n)) => {
             check("admin.listen", o.listen == n.listen);
             check("admin.token", o.token == n.token);
-            check("admin.max_connections", o.max_connections == n.max_connections);
+            check(
+                "admin.max_connections",
+                o.max_connections == n.max_connections,
+            );
         }
         _ => check("admin", false),
     }
@@ -352,13 +376,22 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
         o.local_cache_ttl == n.local_cache_ttl,
     );
     check("store.migrate", o.migrate == n.migrate);
-    check("store.memory_capacity", o.memory_capacity == n.memory_capacity);
+    check(
+        "store.memory_capacity",
+        o.memory_capacity == n.memory_capacity,
+    );
     check(
         "store.sweep_interval_seconds",
         o.sweep_interval == n.sweep_interval,
     );
-    check("store.max_connections", o.max_connections == n.max_connections);
-    check("store.min_connections", o.min_connections == n.min_connections);
+    check(
+        "store.max_connections",
+        o.max_connections == n.max_connections,
+    );
+    check(
+        "store.min_connections",
+        o.min_connections == n.min_connections,
+    );
     check(
         "store.connect_timeout_ms",
         o.connect_timeout == n.connect_timeout,
@@ -366,7 +399,10 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
     check("store.redis_prefix", o.redis_prefix == n.redis_prefix);
     check("store.redis_timeout_ms", o.redis_timeout == n.redis_timeout);
     check("store.redis_retry_ms", o.redis_retry == n.redis_retry);
-    check("store.activity_flush_ms", o.activity_flush == n.activity_flush);
+    check(
+        "store.activity_flush_ms",
+        o.activity_flush == n.activity_flush,
+    );
     check(
         "store.negative_cache_capacity",
         o.negative_cache_capacity == n.negative_cache_capacity,
@@ -388,7 +424,10 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
         "store.redis_client_key_file",
         o.redis_client_key_file == n.redis_client_key_file,
     );
-    check("store.database_ca_file", o.database_ca_file == n.database_ca_file);
+    check(
+        "store.database_ca_file",
+        o.database_ca_file == n.database_ca_file,
+    );
     check(
         "session.token_secret",
         old.session.token_secret == new.session.token_secret,
@@ -397,7 +436,10 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
     check("log.level", old.log.level == new.log.level);
     let (o, n) = (&old.plugins, &new.plugins);
     check("plugins.watch", o.watch == n.watch);
-    check("plugins.watch_interval_ms", o.watch_interval == n.watch_interval);
+    check(
+        "plugins.watch_interval_ms",
+        o.watch_interval == n.watch_interval,
+    );
     check(
         "plugins.log_lines_per_second",
         o.log_lines_per_second == n.log_lines_per_second,
@@ -470,8 +512,14 @@ fn live_changes(
         ("session_header", o.session_header == n.session_header),
         ("default_ttl_seconds", o.default_ttl == n.default_ttl),
         ("forward_token", o.forward_token == n.forward_token),
-        ("touch_interval_seconds", o.touch_interval == n.touch_interval),
-        ("lookalike_headers", o.lookalike_headers == n.lookalike_headers),
+        (
+            "touch_interval_seconds",
+            o.touch_interval == n.touch_interval,
+        ),
+        (
+            "lookalike_headers",
+            o.lookalike_headers == n.lookalike_headers,
+        ),
     ] {
         if !unchanged {
             session.push(key.to_string());
@@ -546,7 +594,11 @@ upstream = "app"
         for (from, to, key) in [
             ("127.0.0.1:8080", "127.0.0.1:8081", "server.listen"),
             ("127.0.0.1:9090", "127.0.0.1:9091", "admin.listen"),
-            ("0123456789abcdef0123", "0123456789abcdef9999", "admin.token"),
+            (
+                "0123456789abcdef0123",
+                "0123456789abcdef9999",
+                "admin.token",
+            ),
             ("sqlite://x.db", "sqlite://y.db", "store.database_url"),
             (
                 "[server]\n",
@@ -573,7 +625,11 @@ upstream = "app"
                 "[session]\ntoken_secret = \"0123456789abcdef0123456789abcdef\"\n[store]\n",
                 "session.token_secret",
             ),
-            ("[store]\n", "[log]\nlevel = \"debug\"\n[store]\n", "log.level"),
+            (
+                "[store]\n",
+                "[log]\nlevel = \"debug\"\n[store]\n",
+                "log.level",
+            ),
             (
                 "[store]\n",
                 "[plugins]\nwatch = true\n[store]\n",
@@ -590,11 +646,11 @@ upstream = "app"
     #[test]
     fn every_changed_key_is_named() {
         let old = config(BASE);
-        let new = config(
-            &BASE
-                .replacen("127.0.0.1:8080", "127.0.0.1:1", 1)
-                .replacen("127.0.0.1:9090", "127.0.0.1:2", 1),
-        );
+        let new = config(&BASE.replacen("127.0.0.1:8080", "127.0.0.1:1", 1).replacen(
+            "127.0.0.1:9090",
+            "127.0.0.1:2",
+            1,
+        ));
         let keys = restart_required(&old, &new);
         assert_eq!(keys, vec!["server.listen", "admin.listen"]);
         let message = ReloadError::RestartRequired(keys).to_string();
@@ -619,9 +675,17 @@ upstream = "app"
         let old = config(BASE);
         let new = config(&format!(
             "{}\n[[routes]]\nprefix = \"/api/\"\nupstream = \"other\"\nauth = \"none\"\n",
-            BASE.replacen("[store]\n", "[session]\nuser_header = \"x-who\"\n[store]\n", 1)
-                .replacen("127.0.0.1:3001", "127.0.0.1:3002", 1)
-                .replacen("prefix = \"/\"\nupstream = \"app\"", "prefix = \"/\"\nupstream = \"app\"\nauth = \"optional\"", 1)
+            BASE.replacen(
+                "[store]\n",
+                "[session]\nuser_header = \"x-who\"\n[store]\n",
+                1
+            )
+            .replacen("127.0.0.1:3001", "127.0.0.1:3002", 1)
+            .replacen(
+                "prefix = \"/\"\nupstream = \"app\"",
+                "prefix = \"/\"\nupstream = \"app\"\nauth = \"optional\"",
+                1
+            )
         ));
         assert!(restart_required(&old, &new).is_empty());
         assert_eq!(
@@ -638,7 +702,7 @@ upstream = "app"
     fn an_upstream_is_the_same_by_name_and_settings_not_by_place() {
         let old = config(BASE);
         // The two swapped in the file: both kept.
-        let swapped = config(&format!(
+        let swapped = config(
             r#"
 [server]
 listen = "127.0.0.1:8080"
@@ -656,8 +720,8 @@ urls = ["http://127.0.0.1:3000"]
 [[routes]]
 prefix = "/"
 upstream = "app"
-"#
-        ));
+"#,
+        );
         let (o, n) = (prints(&old), prints(&swapped));
         assert_eq!(n[0], o[1]);
         assert_eq!(n[1], o[0]);

@@ -12,6 +12,7 @@ mod hybrid;
 mod instances;
 mod policies;
 mod proxy;
+mod reload;
 mod sec_forwarded;
 mod sec_headers;
 mod sec_limits;
