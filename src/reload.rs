@@ -272,9 +272,12 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
     };
     let (o, n) = (&old.server, &new.server);
     check("server.listen", o.listen == n.listen);
+    // Unset, it is whatever the start made of it (the binary: one per
+    // core; the library: one), so only a number that differs is a change.
     check(
         "server.worker_threads",
-        o.worker_threads == n.worker_threads,
+        n.worker_threads
+            .is_none_or(|n| Some(n) == o.worker_threads.or(Some(1))),
     );
     check(
         "server.max_connections",
@@ -602,11 +605,6 @@ upstream = "app"
             ("sqlite://x.db", "sqlite://y.db", "store.database_url"),
             (
                 "[server]\n",
-                "[server]\nworker_threads = 2\n",
-                "server.worker_threads",
-            ),
-            (
-                "[server]\n",
                 "[server]\nmax_connections = 5\n",
                 "server.max_connections",
             ),
@@ -640,6 +638,26 @@ upstream = "app"
             assert_eq!(restart_required(&old, &new), vec![key], "{to}");
             // Both ways: a key removed is as much a change as one added.
             assert_eq!(restart_required(&new, &old), vec![key], "{to}");
+        }
+    }
+
+    #[test]
+    fn worker_threads_unset_is_what_the_start_made_of_it() {
+        let workers = |n: Option<usize>| {
+            let mut c = config(BASE);
+            c.server.worker_threads = n;
+            c
+        };
+        // The binary resolves unset to the cores; the library to one.
+        assert!(restart_required(&workers(Some(8)), &workers(None)).is_empty());
+        assert!(restart_required(&workers(None), &workers(Some(1))).is_empty());
+        assert!(restart_required(&workers(Some(8)), &workers(Some(8))).is_empty());
+        for (old, new) in [(Some(8), Some(2)), (None, Some(2)), (Some(2), Some(1))] {
+            assert_eq!(
+                restart_required(&workers(old), &workers(new)),
+                vec!["server.worker_threads"],
+                "{old:?} → {new:?}"
+            );
         }
     }
 
