@@ -331,13 +331,18 @@ impl Gateway {
 
 /// The forward-auth listener's handler.
 pub(crate) struct ForwardAuth {
-    gateway: Arc<Gateway>,
+    /// Loaded once per sub-request, as the proxy does: a config reload
+    /// (`reload.rs`) reaches forward-auth's routes at once.
+    gateway: Arc<arc_swap::ArcSwap<Gateway>>,
     config: ForwardAuthConfig,
     allow_from: TrustedProxies,
 }
 
 impl ForwardAuth {
-    pub(crate) fn new(gateway: Arc<Gateway>, config: ForwardAuthConfig) -> ForwardAuth {
+    pub(crate) fn new(
+        gateway: Arc<arc_swap::ArcSwap<Gateway>>,
+        config: ForwardAuthConfig,
+    ) -> ForwardAuth {
         let allow_from = TrustedProxies::new(config.allow_from.iter().copied());
         ForwardAuth {
             gateway,
@@ -351,7 +356,7 @@ impl ForwardAuth {
     /// are.
     pub(crate) async fn handle<B>(self: Arc<Self>, req: Request<B>, peer: Peer) -> Response<Body> {
         let started = Instant::now();
-        let gateway = &self.gateway;
+        let gateway = &self.gateway.load_full();
         let caller = self.config.caller;
         let request_id = proxy::request_id(req.headers());
         let id = proxy::request_id_text(&request_id);
@@ -400,8 +405,8 @@ impl ForwardAuth {
         };
         let path = logged.1.path();
         let mut resp = match result {
-            Ok(session) => self.allowed(session.as_deref()),
-            Err(refused) => self.refused(refused, path, html, id),
+            Ok(session) => self.allowed(gateway, session.as_deref()),
+            Err(refused) => self.refused(gateway, refused, path, html, id),
         };
         resp.headers_mut()
             .insert(crate::headers::X_REQUEST_ID, request_id.clone());
@@ -437,10 +442,10 @@ impl ForwardAuth {
     /// through without) they are there and empty: copied, they overwrite
     /// a client's own (Envoy's `allowed_upstream_headers` replaces only
     /// headers the answer has; nginx sends no empty header at all).
-    fn allowed(&self, session: Option<&Session>) -> Response<Body> {
+    fn allowed(&self, gateway: &Gateway, session: Option<&Session>) -> Response<Body> {
         let mut resp = Response::new(body::empty());
         let headers = resp.headers_mut();
-        let config = &self.gateway.config().session;
+        let config = &gateway.config().session;
         headers.insert(config.user_header.clone(), HeaderValue::from_static(""));
         headers.insert(config.session_header.clone(), HeaderValue::from_static(""));
         if let Some(session) = session {
@@ -452,7 +457,14 @@ impl ForwardAuth {
 
     /// The proxy's answer to a refused request, made one the caller can
     /// pass on.
-    fn refused(&self, refused: Refused, path: &str, html: bool, id: &str) -> Response<Body> {
+    fn refused(
+        &self,
+        gateway: &Gateway,
+        refused: Refused,
+        path: &str,
+        html: bool,
+        id: &str,
+    ) -> Response<Body> {
         let caller = self.config.caller;
         let error = match refused {
             Refused::Caller => {
@@ -467,7 +479,7 @@ impl ForwardAuth {
             Refused::Gateway(e) => e,
         };
         if error.is_auth_failure() {
-            self.gateway
+            gateway
                 .metrics()
                 .auth_rejections
                 .get_or_create(&ReasonLabels {
@@ -475,8 +487,7 @@ impl ForwardAuth {
                 })
                 .inc();
         }
-        let redirect = self
-            .gateway
+        let redirect = gateway
             .routes()
             .find(path)
             .and_then(|r| r.login_redirect.as_deref())

@@ -367,6 +367,21 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
         }
         _ => check("admin", false),
     }
+    match (&old.forward_auth, &new.forward_auth) {
+        (None, None) => {}
+        // Its listener, and the callers it answers as, are set up once.
+        (Some(o), Some(n)) => {
+            check("forward_auth.listen", o.listen == n.listen);
+            check("forward_auth.caller", o.caller == n.caller);
+            check("forward_auth.path_prefix", o.path_prefix == n.path_prefix);
+            check("forward_auth.allow_from", o.allow_from == n.allow_from);
+            check(
+                "forward_auth.max_connections",
+                o.max_connections == n.max_connections,
+            );
+        }
+        _ => check("forward_auth", false),
+    }
     let (o, n) = (&old.store, &new.store);
     check("store.redis_url", o.redis_url == n.redis_url);
     check(
@@ -603,6 +618,11 @@ upstream = "app"
                 "admin.token",
             ),
             ("sqlite://x.db", "sqlite://y.db", "store.database_url"),
+            (
+                "[store]\n",
+                "[forward_auth]\nlisten = \"127.0.0.1:9091\"\n[store]\n",
+                "forward_auth",
+            ),
             (
                 "[server]\n",
                 "[server]\nmax_connections = 5\n",

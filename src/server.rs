@@ -452,7 +452,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             .and_then(|l| registered(l, fa_config.listen, "forward_auth.listen"))?;
         forward_auth_addr = fa_listener.local_addr().ok();
         let forward_auth = Arc::new(crate::forward_auth::ForwardAuth::new(
-            gateway.clone(),
+            primary.clone(),
             fa_config.clone(),
         ));
         // Its own connection budget, so that proxy clients cannot take it.

@@ -471,6 +471,58 @@ async fn an_invalid_file_is_refused_with_its_error_and_the_old_config_serves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_auth_answers_by_the_reloaded_routes() {
+    let upstream = TestUpstream::start().await;
+    let spec = GatewaySpec::new()
+        .cookie_secure(false)
+        .upstream("app", &[&upstream.url()])
+        .route("/public/", "app", "none")
+        .route("/", "app", "required");
+    let with_api = spec.clone().route("/api/", "app", "none");
+    let fa = |listen: &str| format!("\n[forward_auth]\nlisten = {listen:?}\ncaller = \"nginx\"\n");
+    let live = Live::start(|dir| text(dir, &spec, "", "") + &fa("127.0.0.1:0")).await;
+    let addr = live.running.forward_auth_addr().expect("[forward_auth]");
+    let ask = |path: &'static str| {
+        let client = live.client.clone();
+        async move {
+            client
+                .get(format!("http://{addr}/auth"))
+                .header("x-original-uri", path)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        ask("/api/x").await,
+        401,
+        "the catch-all route needs a session"
+    );
+    live.write(|dir| text(dir, &with_api, "", "") + &fa("127.0.0.1:0"));
+    assert_eq!(
+        live.reload_ok().await,
+        vec!["routes: added /api/".to_string()]
+    );
+    assert_eq!(ask("/api/x").await, 200, "the new route lets it through");
+    // Its listener is set up once.
+    let port = harness::free_port();
+    live.write(|dir| text(dir, &spec, "", "") + &fa(&format!("127.0.0.1:{port}")));
+    let err = harness::expect_error(live.reload().await, 422).await;
+    assert_eq!(err["code"], "restart_required");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("forward_auth.listen changed"),
+        "{err}"
+    );
+    assert_eq!(ask("/api/x").await, 200, "the old config still answers");
+    live.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unchanged_upstream_keeps_its_pooled_connection() {
     let (a, b, c) = (
         TestUpstream::named("a").await,
