@@ -50,6 +50,7 @@ enum AdminError {
     ReloadFailed(String),
     TlsReloadFailed(String),
     ConfigReload(crate::reload::ReloadError),
+    KeysReloadFailed(String),
 }
 
 impl AdminError {
@@ -100,6 +101,11 @@ impl AdminError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 e.code(),
                 format!("{e}; the previous config stays in service"),
+            ),
+            AdminError::KeysReloadFailed(reason) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reload_failed",
+                format!("{reason}; the previous key stays in service"),
             ),
         };
         let mut resp = json_error(status, code, &message, request_id);
@@ -164,6 +170,27 @@ impl Admin {
             "admin request"
         );
         resp
+    }
+
+    /// `GET /v1/keys`, `POST /v1/keys/reload`: the assertion keys
+    /// ([`crate::assertion`]).
+    fn keys(&self, method: &Method, rest: &[&str]) -> Result<Response<Body>, AdminError> {
+        let Some(assertions) = self.gateway.forwarder().assertions() else {
+            return Err(AdminError::NotFound("[session.assertion] configuration"));
+        };
+        match (method, rest) {
+            (&Method::GET, []) => Ok(json(StatusCode::OK, assertions.info())),
+            (&Method::POST, ["reload"]) => match assertions.reload() {
+                Ok(changed) => {
+                    let mut info = assertions.info();
+                    info["changed"] = changed.into();
+                    Ok(json(StatusCode::OK, info))
+                }
+                Err(e) => Err(AdminError::KeysReloadFailed(e.to_string())),
+            },
+            (_, [] | ["reload"]) => Err(AdminError::MethodNotAllowed),
+            _ => Err(AdminError::NotFound("path")),
+        }
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
@@ -286,6 +313,7 @@ impl Admin {
                 }
             }
             (_, ["v1", "tls"] | ["v1", "tls", "reload"]) => Err(AdminError::MethodNotAllowed),
+            (_, ["v1", "keys", ..]) => self.keys(req.method(), &segments[2..]),
             _ => Err(AdminError::NotFound("path")),
         }
     }

@@ -223,6 +223,7 @@ struct RawSession {
     token_secret: Option<String>,
     touch_interval_seconds: Option<u64>,
     lookalike_headers: Option<String>,
+    assertion: Option<crate::assertion::RawAssertion>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -261,6 +262,8 @@ struct RawRoute {
     login_redirect: Option<String>,
     case_insensitive: Option<bool>,
     max_body_bytes: Option<u64>,
+    audience: Option<String>,
+    forward_attributes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -480,6 +483,8 @@ pub struct SessionConfig {
     /// What to do with a request header that reads as a gateway-owned
     /// header once `_` is taken for `-`.
     pub lookalike_headers: LookalikeHeaders,
+    /// `[session.assertion]`, when enabled: signed identity for upstreams.
+    pub assertion: Option<crate::assertion::AssertionConfig>,
 }
 
 /// `session.lookalike_headers`.
@@ -501,6 +506,7 @@ impl fmt::Debug for SessionConfig {
             .field("default_ttl", &self.default_ttl)
             .field("forward_token", &self.forward_token)
             .field("lookalike_headers", &self.lookalike_headers)
+            .field("assertion", &self.assertion)
             .field(
                 "token_secret",
                 &self.token_secret.as_ref().map(|_| "<redacted>"),
@@ -561,6 +567,10 @@ pub struct RouteConfig {
     pub case_insensitive: bool,
     /// Largest request body accepted on this route (413 beyond).
     pub max_body_bytes: u64,
+    /// The `aud` of its assertions; the prefix when not set.
+    pub audience: Option<String>,
+    /// Session attributes sent upstream as `x-sessiongate-attr-<name>`.
+    pub forward_attributes: Vec<crate::assertion::ForwardedAttribute>,
 }
 
 pub const DEFAULT_CONFIG_FILE: &str = "gateway.toml";
@@ -972,6 +982,16 @@ impl Config {
             Some(s) => Some(s.into_bytes()),
             None => None,
         };
+        let assertion =
+            crate::assertion::config(raw.session.assertion, base, &mut |k, m| v.problem(k, m));
+        if let Some(a) = &assertion
+            && (a.header == user_header || a.header == session_header)
+        {
+            v.problem(
+                "session.assertion.header",
+                "must differ from session.user_header and session.session_header",
+            );
+        }
         let session = SessionConfig {
             cookie_name,
             cookie_secure: raw.session.cookie_secure.unwrap_or(true),
@@ -992,6 +1012,7 @@ impl Config {
                     LookalikeHeaders::Remove
                 }
             },
+            assertion,
         };
 
         let format = match raw.log.format.as_deref().unwrap_or("text") {
@@ -1100,6 +1121,13 @@ impl Config {
             {
                 v.problem(key("login_redirect"), "must be a path or URL");
             }
+            let mut problem = |k, m| v.problem(k, m);
+            let audience = crate::assertion::audience(r.audience, &key("audience"), &mut problem);
+            let forward_attributes = crate::assertion::forward_attributes(
+                r.forward_attributes,
+                &key("forward_attributes"),
+                &mut problem,
+            );
             routes.push(RouteConfig {
                 prefix,
                 upstream: upstream.unwrap_or(0),
@@ -1111,6 +1139,8 @@ impl Config {
                     r.max_body_bytes,
                     DEFAULT_MAX_BODY_BYTES,
                 ),
+                audience,
+                forward_attributes,
             });
         }
 

@@ -22,8 +22,9 @@ use http::header::{HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use crate::assertion::Assertions;
 use crate::body::{self, Body};
-use crate::config::{Config, LookalikeHeaders};
+use crate::config::{Config, LookalikeHeaders, RouteConfig};
 use crate::error::ProxyError;
 use crate::headers as h;
 use crate::limits::LimitedBody;
@@ -50,6 +51,8 @@ pub struct Forwarder {
     token_key: TokenKey,
     upstreams: Vec<Arc<Upstream>>,
     metrics: Arc<Metrics>,
+    /// `[session.assertion]`'s signer, shared by every worker.
+    assertions: Option<Arc<Assertions>>,
 }
 
 impl Forwarder {
@@ -70,12 +73,23 @@ impl Forwarder {
             token_key,
             upstreams,
             metrics,
+            assertions: None,
         }
     }
 
     /// The upstreams, one per `config.upstreams` (a reload reuses them).
     pub(crate) fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
+    }
+
+    /// Signs assertions with `assertions` (`[session.assertion]`).
+    pub(crate) fn set_assertions(&mut self, assertions: Option<Arc<Assertions>>) {
+        self.assertions = assertions;
+    }
+
+    /// The assertion signer, when `[session.assertion]` is enabled.
+    pub fn assertions(&self) -> Option<&Arc<Assertions>> {
+        self.assertions.as_ref()
     }
 
     /// Rewrites the request for the upstream and sends it; `session`'s
@@ -100,7 +114,7 @@ impl Forwarder {
         let mut headers = parts.headers;
         self.rewrite_request_headers(&mut headers, &parts.uri, peer, request_id, upgrade)?;
         if let Some(s) = session {
-            self.set_identity(&mut headers, s);
+            self.set_identity(&mut headers, route, s);
         }
 
         // Forward. A body declared larger than the route accepts is
@@ -237,20 +251,31 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Sets the identity headers of `session` (public for the benches).
-    pub fn set_identity(&self, headers: &mut HeaderMap, session: &Session) {
-        set_identity(&self.config.session, headers, session);
+    /// Sets the identity headers of `session` for `route` (public for the
+    /// benches).
+    pub fn set_identity(&self, headers: &mut HeaderMap, route: &RouteConfig, session: &Session) {
+        set_identity(
+            &self.config.session,
+            self.assertions.as_deref(),
+            route,
+            headers,
+            session,
+        );
     }
 }
 
 /// `session`'s identity in the headers `session.user_header` and
-/// `session.session_header` name: for the upstream, and in a
-/// forward-auth answer.
+/// `session.session_header` name, plus `route`'s forwarded attributes and
+/// the signed assertion when enabled ([`crate::assertion`]): for the
+/// upstream, and in a forward-auth answer.
 pub(crate) fn set_identity(
     config: &crate::config::SessionConfig,
+    assertions: Option<&Assertions>,
+    route: &RouteConfig,
     headers: &mut HeaderMap,
     session: &Session,
 ) {
+    crate::assertion::set_headers(assertions, route, headers, session);
     if let Ok(v) = HeaderValue::from_str(&session.user_id) {
         headers.insert(config.user_header.clone(), v);
     }

@@ -31,6 +31,7 @@
 //! | [`tools`] | operator tools (`sessiongate plugin try`) |
 //! | [`admin`] | the admin API, `/healthz`, `/readyz`, `/metrics` |
 //! | [`forward_auth`] | `[forward_auth]`: auth sub-requests from nginx `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`, routed and authenticated as the proxy does |
+//! | [`assertion`] | signed identity for upstreams: the ES256 assertion, the key set and its reload, the JWKS document, `x-sessiongate-attr-*` headers |
 //! | [`error`] | the one place an error becomes an HTTP response |
 //! | [`metrics`], [`telemetry`] | Prometheus metrics and structured logs |
 //!
@@ -62,6 +63,7 @@
 //! [`error::ProxyError`] and, in one place, the contract's JSON error.
 
 pub mod admin;
+pub mod assertion;
 pub mod authn;
 pub(crate) mod backend_tls;
 pub mod body;

@@ -25,6 +25,7 @@ use std::time::Instant;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 
+use crate::assertion::{Assertions, JWKS_PATH};
 use crate::authn::{Authenticator, RequestContext};
 use crate::body::{self, Body};
 use crate::config::Config;
@@ -116,6 +117,13 @@ impl Gateway {
         }
     }
 
+    /// Signs upstream assertions with `assertions` and serves their JWKS
+    /// (`[session.assertion]`; one signer shared by every worker).
+    pub fn with_assertions(mut self, assertions: Option<Arc<Assertions>>) -> Gateway {
+        self.forwarder.set_assertions(assertions);
+        self
+    }
+
     pub fn config(&self) -> &Arc<Config> {
         &self.config
     }
@@ -198,9 +206,16 @@ impl Gateway {
             route_index: None,
             session_id: None,
         };
-        let result = match invalid {
-            Some(e) => Err(e),
-            None => self.proxy(req, peer, &request_id, &mut outcome).await,
+        // The gateway's own document, answered before any route: an
+        // upstream must be able to fetch it whatever the routes cover.
+        let jwks = self.forwarder.assertions().filter(|_| path == JWKS_PATH);
+        let result = match (invalid, jwks) {
+            (Some(e), _) => Err(e),
+            (None, Some(assertions)) => {
+                outcome.route = "jwks";
+                Ok(assertions.jwks_response(&method, request_id_text(&request_id)))
+            }
+            (None, None) => self.proxy(req, peer, &request_id, &mut outcome).await,
         };
         let mut resp = match result {
             Ok(resp) => resp,

@@ -180,6 +180,8 @@ impl Reloader {
                     self.policies.clone(),
                     Some(upstreams),
                 )
+                // One signer across reloads: its key is not in the config.
+                .with_assertions(old.forwarder().assertions().cloned())
             })
             .collect();
         // Until per-route chains give `Policies` a reload from a given
@@ -449,6 +451,12 @@ pub(crate) fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> 
     check(
         "session.token_secret",
         old.session.token_secret == new.session.token_secret,
+    );
+    // The signer (its key, lifetime, claims) is built once at start and
+    // shared by every gateway; its key rotates by POST /v1/keys/reload.
+    check(
+        "session.assertion",
+        same(&old.session.assertion, &new.session.assertion),
     );
     check("log.format", old.log.format == new.log.format);
     check("log.level", old.log.level == new.log.level);

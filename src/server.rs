@@ -71,6 +71,8 @@ pub enum StartError {
     Policy { file: String, reason: String },
     #[error("{file}: {reason}")]
     Tls { file: String, reason: String },
+    #[error("{file}: key `session.assertion`: {reason}")]
+    Assertion { file: String, reason: String },
     #[error("cannot listen on {address} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -359,14 +361,30 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     };
     let token_key = TokenKey::new(&secret);
 
+    // One signer for every worker: a key reload reaches them all.
+    let assertions = match &config.session.assertion {
+        Some(a) => Some(Arc::new(
+            crate::assertion::Assertions::start(a, durable.as_ref())
+                .await
+                .map_err(|reason| StartError::Assertion {
+                    file: config.source.clone(),
+                    reason,
+                })?,
+        )),
+        None => None,
+    };
+
     let policies = Arc::new(load_policies(&config, metrics.clone()).await?);
-    let gateway = Arc::new(Gateway::new(
-        config.clone(),
-        store.clone(),
-        token_key.clone(),
-        metrics,
-        policies.clone(),
-    ));
+    let gateway = Arc::new(
+        Gateway::new(
+            config.clone(),
+            store.clone(),
+            token_key.clone(),
+            metrics,
+            policies.clone(),
+        )
+        .with_assertions(assertions.clone()),
+    );
     let tls = match &config.server.tls {
         Some(tls_config) => Some(Arc::new(
             EdgeTls::load(tls_config, gateway.metrics().clone()).map_err(|e| StartError::Tls {
@@ -401,13 +419,16 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             // Its own gateway: its own upstream pools and round robin.
             // The store, the policy chain (one swap reaches every worker),
             // the token key and the metrics registry are shared.
-            Arc::new(ArcSwap::from_pointee(Gateway::new(
-                config.clone(),
-                store.clone(),
-                token_key.clone(),
-                gateway.metrics().clone(),
-                policies.clone(),
-            )))
+            Arc::new(ArcSwap::from_pointee(
+                Gateway::new(
+                    config.clone(),
+                    store.clone(),
+                    token_key.clone(),
+                    gateway.metrics().clone(),
+                    policies.clone(),
+                )
+                .with_assertions(assertions.clone()),
+            ))
         })
         .collect();
     let reloader = Arc::new(Reloader::new(
