@@ -2,6 +2,7 @@
 //! file, a real upstream server started by the tests.
 
 mod admin;
+mod assertion;
 mod backend_tls;
 mod cluster;
 mod config_cli;
