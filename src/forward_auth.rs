@@ -405,7 +405,7 @@ impl ForwardAuth {
         };
         let path = logged.1.path();
         let mut resp = match result {
-            Ok(session) => self.allowed(gateway, session.as_deref()),
+            Ok(session) => self.allowed(gateway, session.as_deref(), outcome.route_index),
             Err(refused) => self.refused(gateway, refused, path, html, id),
         };
         resp.headers_mut()
@@ -442,14 +442,31 @@ impl ForwardAuth {
     /// through without) they are there and empty: copied, they overwrite
     /// a client's own (Envoy's `allowed_upstream_headers` replaces only
     /// headers the answer has; nginx sends no empty header at all).
-    fn allowed(&self, gateway: &Gateway, session: Option<&Session>) -> Response<Body> {
+    /// The same holds for the route's forwarded attributes and the
+    /// assertion header.
+    fn allowed(
+        &self,
+        gateway: &Gateway,
+        session: Option<&Session>,
+        route_index: Option<usize>,
+    ) -> Response<Body> {
         let mut resp = Response::new(body::empty());
         let headers = resp.headers_mut();
         let config = &gateway.config().session;
+        let assertions = gateway.forwarder().assertions().map(|a| &**a);
+        let route = route_index.map(|i| &gateway.routes()[i]);
         headers.insert(config.user_header.clone(), HeaderValue::from_static(""));
         headers.insert(config.session_header.clone(), HeaderValue::from_static(""));
-        if let Some(session) = session {
-            crate::forward::set_identity(config, headers, session);
+        if let Some(a) = assertions {
+            headers.insert(a.config().header.clone(), HeaderValue::from_static(""));
+        }
+        for attribute in route.iter().flat_map(|r| &r.forward_attributes) {
+            headers.insert(attribute.header.clone(), HeaderValue::from_static(""));
+        }
+        if let Some(session) = session
+            && let Some(route) = route
+        {
+            crate::forward::set_identity(config, assertions, route, headers, session);
         }
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         resp

@@ -446,6 +446,55 @@ async fn without_the_assertion_table_nothing_changes() {
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn forward_auth_answers_carry_the_same_assertion_and_attributes() {
+    let upstream = TestUpstream::start().await;
+    let mut spec = spec(&upstream, None);
+    spec.extra
+        .push_str("\n[forward_auth]\nlisten = \"127.0.0.1:0\"\n");
+    let gw = GatewayUnderTest::start(spec).await;
+    let fa = gw
+        .forward_auth_addr()
+        .expect("[forward_auth] is configured");
+    let token = login_with(&gw, "frank", r#"{"role":"auditor"}"#).await;
+    let jwks = fetch_jwks(&gw).await;
+    let sub_request = |uri: &str, cookie_header: Option<String>| {
+        let cookie_header = cookie_header
+            .map(|c| format!("cookie: {c}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "GET /.sessiongate/auth HTTP/1.1\r\nhost: app.example\r\n\
+             x-original-uri: {uri}\r\nx-original-method: GET\r\n{cookie_header}\
+             x-sessiongate-assertion: forged\r\nconnection: close\r\n\r\n"
+        )
+    };
+    let value = |headers: &[(String, String)], name: &str| {
+        headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+
+    let (status, headers, _) = raw_http(fa, &sub_request("/app/x", Some(cookie(&token)))).await;
+    assert_eq!(status, 200);
+    let assertion = value(&headers, "x-sessiongate-assertion");
+    assert_eq!(assertion.len(), 1, "{headers:?}");
+    let claims = verify(&assertion[0], &jwks, "/app/").expect("verifies");
+    assert_eq!(claims["sub"], "frank");
+    assert_eq!(value(&headers, "x-sessiongate-attr-role"), ["auditor"]);
+    // Present and empty when the session lacks it: copied, it overwrites
+    // a client's own.
+    assert_eq!(value(&headers, "x-sessiongate-attr-tenant-id"), [""]);
+
+    // No session on an optional route: the assertion header is there,
+    // empty.
+    let (status, headers, _) = raw_http(fa, &sub_request("/opt/x", None)).await;
+    assert_eq!(status, 200);
+    assert_eq!(value(&headers, "x-sessiongate-assertion"), [""]);
+    gw.shutdown().await;
+}
+
 fn config_problems(extra: &str) -> String {
     let text = format!(
         "[store]\ndatabase_url = \"sqlite://x.db\"\n\
