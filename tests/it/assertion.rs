@@ -495,6 +495,94 @@ async fn forward_auth_answers_carry_the_same_assertion_and_attributes() {
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_config_reload_keeps_the_signer_and_refuses_assertion_changes() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let db = format!("sqlite://{}/sg.db", dir.path().display());
+    let make = |audience: &str, ttl: i64| {
+        spec(&upstream, None)
+            .to_toml(&db, "127.0.0.1:0", "127.0.0.1:0")
+            .replacen("[server]\n", "[server]\nworker_threads = 2\n", 1)
+            .replace("https://api.example", audience)
+            .replace(
+                &format!("ttl_seconds = {TTL}"),
+                &format!("ttl_seconds = {ttl}"),
+            )
+    };
+    std::fs::write(&path, make("https://api.example", TTL)).unwrap();
+    let running = sessiongate::server::start(Config::load(&path).unwrap())
+        .await
+        .expect("start");
+    let base = format!("http://{}", running.addr());
+    let admin = format!("http://{}", running.admin_addr().unwrap());
+    let client = client();
+    let resp = client
+        .get(format!("{base}/public/login?user=gina"))
+        .send()
+        .await
+        .unwrap();
+    let token = set_cookie(resp.headers(), COOKIE).unwrap().value;
+    let assertion_at = |path: &'static str| {
+        let req = client
+            .get(format!("{base}{path}"))
+            .header("cookie", cookie(&token));
+        async move {
+            let echo = echo_of(req.send().await.unwrap()).await;
+            seen(&echo, "x-sessiongate-assertion").unwrap().to_string()
+        }
+    };
+    let before = assertion_at("/aud/echo").await;
+    let reload = || {
+        client
+            .post(format!("{admin}/v1/config/reload"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+    };
+
+    // A route's audience reloads; the signer and its key stay.
+    std::fs::write(&path, make("https://api2.example", TTL)).unwrap();
+    let resp = reload().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let jwks: JwkSet = client
+        .get(format!("{base}/.well-known/sessiongate/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let after = assertion_at("/aud/echo").await;
+        assert_eq!(kid_of(&after), kid_of(&before));
+        assert_eq!(
+            verify(&after, &jwks, "https://api2.example").unwrap()["sub"],
+            "gina"
+        );
+    }
+    assert!(verify(&before, &jwks, "https://api.example").is_ok());
+
+    // The assertion settings themselves need a restart.
+    std::fs::write(&path, make("https://api2.example", TTL + 1)).unwrap();
+    let resp = reload().await.unwrap();
+    let error = expect_error(resp, 422).await;
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("session.assertion"),
+        "{error}"
+    );
+    let still = assertion_at("/app/echo").await;
+    let claims = verify(&still, &jwks, "/app/").unwrap();
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        TTL
+    );
+    running.shutdown().await;
+}
+
 fn config_problems(extra: &str) -> String {
     let text = format!(
         "[store]\ndatabase_url = \"sqlite://x.db\"\n\
