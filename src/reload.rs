@@ -508,8 +508,8 @@ fn live_changes(
     let settings = |c: &Config, r: &crate::config::RouteConfig| {
         let upstream = c.upstreams.get(r.upstream).map(|u| u.name.as_str());
         format!(
-            "{upstream:?} {:?} {:?} {}",
-            r.auth, r.login_redirect, r.max_body_bytes
+            "{upstream:?} {:?} {:?} {} {:?} {:?}",
+            r.auth, r.login_redirect, r.max_body_bytes, r.audience, r.forward_attributes
         )
     };
     let mut routes = Vec::new();
@@ -814,6 +814,17 @@ upstream = "app"
         let after = prints(&config(&text));
         assert_ne!(after[0], before[0]);
         assert_eq!(after[1], before[1]);
+    }
+
+    #[test]
+    fn a_routes_assertion_settings_are_route_changes() {
+        let old = config(BASE);
+        let new = edited(
+            "prefix = \"/\"\nupstream = \"app\"",
+            "prefix = \"/\"\nupstream = \"app\"\naudience = \"app\"",
+        );
+        assert!(restart_required(&old, &new).is_empty());
+        assert_eq!(changes(&old, &new), vec!["routes: changed /".to_string()]);
     }
 
     #[test]
