@@ -31,8 +31,9 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start || true
 fi
 
-# nginx: only the binary. The tests run their own instances with generated
-# configs; the packaged service must not start (nor take port 80), so a
+# nginx: only the binary (Debian's package, with auth_request: the
+# forward-auth suite, tests/it/forward_auth.rs, puts it in front of the
+# gateway). The tests run their own instances with generated configs; the packaged service must not start (nor take port 80), so a
 # policy-rc.d refuses it for the install if the machine has none.
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi

@@ -36,7 +36,11 @@ http {{
     scgi_temp_path {d}/scgi;
 
     upstream app {{ server {app}; }}
-    upstream sessiongate {{ server {sg}; }}
+    upstream sessiongate {{
+        server {sg};
+        keepalive 16;
+        keepalive_timeout 30s;
+    }}
 
     server {{
         listen 127.0.0.1:{port};
@@ -58,6 +62,9 @@ http {{
         location = /.sessiongate/auth {{
             internal;
             proxy_pass http://sessiongate;
+            proxy_method GET;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-URI $request_uri;
@@ -309,6 +316,24 @@ async fn behaviour(front: &Front) {
         401,
         "{mode:?}"
     );
+    // Other methods and their bodies go through as they came.
+    let resp = front
+        .gw
+        .client
+        .post(front.url("/secret"))
+        .header("cookie", cookie(&token))
+        .body("hello")
+        .send()
+        .await
+        .expect("POST through the front");
+    assert_eq!(resp.status(), 200, "{mode:?}");
+    let seen: Value = resp.json().await.expect("echo");
+    assert_eq!(
+        (&seen["method"], &seen["body"]),
+        (&"POST".into(), &"hello".into()),
+        "{mode:?}"
+    );
+    assert_eq!(header(&seen, "x-user-id"), Some("alice"), "{mode:?} {seen}");
     // An optional route: the identity when there is one.
     let seen = front.seen("/opt/x", Some(&token), &[]).await;
     assert_eq!(header(&seen, "x-user-id"), Some("alice"), "{mode:?} {seen}");
