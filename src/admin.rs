@@ -259,18 +259,12 @@ impl Admin {
             }
             (_, ["v1", "users", _, "sessions"]) => Err(AdminError::MethodNotAllowed),
             (&Method::GET, ["v1", "policies"]) => {
-                let info = self.gateway.policies().chain().info();
-                Ok(json(
-                    StatusCode::OK,
-                    serde_json::json!({ "policies": info }),
-                ))
+                let info = self.gateway.policies().info();
+                Ok(json(StatusCode::OK, serde_json::json!(info)))
             }
             (&Method::POST, ["v1", "policies", "reload"]) => {
                 match self.gateway.policies().reload().await {
-                    Ok(info) => Ok(json(
-                        StatusCode::OK,
-                        serde_json::json!({ "policies": info }),
-                    )),
+                    Ok(info) => Ok(json(StatusCode::OK, serde_json::json!(info))),
                     Err(e) => Err(AdminError::ReloadFailed(e.to_string())),
                 }
             }

@@ -4,8 +4,9 @@
 //! cookies, checked for shape and MAC (no store is asked for a malformed
 //! one; of several, the one that verifies counts, and two different ones
 //! that verify are refused), then looked up in the hybrid store; the
-//! policy chain's access hooks then allow, extend or refuse. What a
-//! failure means depends on the route's `auth` mode. The proxy and
+//! route's policy chain (`routes[].policies`, else the default chain)
+//! runs its access hooks, which allow, extend or refuse. What a failure
+//! means depends on the route's `auth` mode. The proxy and
 //! forward-auth authenticate through the same [`Authenticator`].
 
 use std::net::IpAddr;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderValue};
 
-use crate::config::AuthMode;
+use crate::config::{AuthMode, RouteConfig};
 use crate::error::ProxyError;
 use crate::headers as h;
 use crate::policy::{AccessOutcome, ChainCache, RequestInfo};
@@ -128,8 +129,8 @@ pub struct Authenticator {
     cookie_name: String,
     /// `session.touch_interval`, in ms.
     touch_interval_ms: i64,
-    /// This worker's handle on the running policy chain.
-    chain: Arc<ChainCache>,
+    /// This worker's handle on the running policy chains.
+    chains: Arc<ChainCache>,
 }
 
 impl Authenticator {
@@ -137,14 +138,14 @@ impl Authenticator {
         store: SessionStore,
         token_key: TokenKey,
         session: &crate::config::SessionConfig,
-        chain: Arc<ChainCache>,
+        chains: Arc<ChainCache>,
     ) -> Authenticator {
         Authenticator {
             store,
             token_key,
             cookie_name: session.cookie_name.clone(),
             touch_interval_ms: session.touch_interval.as_millis() as i64,
-            chain,
+            chains,
         }
     }
 
@@ -187,17 +188,30 @@ impl Authenticator {
         Ok(Authenticated { presented, session })
     }
 
-    /// The policy chain's access decision on an identified request (a
-    /// policy's new expiry is written, and `last_seen_at` kept current).
-    /// Separate from [`Authenticator::identify`] so that a refused
-    /// request's log line still names its session.
+    /// The access decision of `route`'s policy chain (`routes[].policies`,
+    /// else the default chain) on an identified request (a policy's new
+    /// expiry is written, and `last_seen_at` kept current). Separate from
+    /// [`Authenticator::identify`] so that a refused request's log line
+    /// still names its session.
     pub(crate) async fn authorize(
         &self,
+        route: &RouteConfig,
         who: &Authenticated,
         context: &RequestContext,
     ) -> Result<(), ProxyError> {
         if let (Some(s), Presented::Valid(key)) = (&who.session, who.presented) {
-            let chain = self.chain.get();
+            let chains = self.chains.get();
+            let Some(chain) = chains.get(route.policies.as_deref()) else {
+                // Only between a config reload's swap of the chains and
+                // its swap of the routes: refused, never run on another
+                // chain.
+                tracing::error!(
+                    route = %route.prefix,
+                    chain = route.policies.as_deref().unwrap_or_default(),
+                    "the route's policy chain is not loaded; request refused"
+                );
+                return Err(ProxyError::PolicyFailed);
+            };
             let extend = if chain.wants_access() {
                 match chain.on_access(s, &context.info(), session::now_ms()).await {
                     AccessOutcome::Allow => None,

@@ -95,6 +95,9 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     policies: Vec<RawPolicy>,
+    /// `[[chains.<name>]]`: named policy chains (see `crate::policy::chains`).
+    #[serde(default)]
+    chains: BTreeMap<String, Vec<RawPolicy>>,
     #[serde(default)]
     plugins: RawPlugins,
 }
@@ -264,6 +267,7 @@ struct RawRoute {
     max_body_bytes: Option<u64>,
     audience: Option<String>,
     forward_attributes: Option<Vec<String>>,
+    policies: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,7 +303,10 @@ pub struct Config {
     pub log: LogConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// The default chain (`[[policies]]`).
     pub policies: Vec<PolicyConfig>,
+    /// The named chains (`[[chains.<name>]]`), by name.
+    pub chains: BTreeMap<String, Vec<PolicyConfig>>,
     pub plugins: PluginsConfig,
 }
 
@@ -571,6 +578,9 @@ pub struct RouteConfig {
     pub audience: Option<String>,
     /// Session attributes sent upstream as `x-sessiongate-attr-<name>`.
     pub forward_attributes: Vec<crate::assertion::ForwardedAttribute>,
+    /// The `[chains.<name>]` this route's requests and logins run; `None`:
+    /// the default chain (`[[policies]]`).
+    pub policies: Option<String>,
 }
 
 pub const DEFAULT_CONFIG_FILE: &str = "gateway.toml";
@@ -680,6 +690,11 @@ impl Config {
         }
         for (i, p) in raw.policies.iter().enumerate() {
             v.unknown(&format!("policies[{i}]"), &p.unknown);
+        }
+        for (name, entries) in &raw.chains {
+            for (i, p) in entries.iter().enumerate() {
+                v.unknown(&format!("chains.{name}[{i}]"), &p.unknown);
+            }
         }
 
         let listen = v.addr(
@@ -1128,7 +1143,21 @@ impl Config {
                 &key("forward_attributes"),
                 &mut problem,
             );
+            if let Some(name) = &r.policies
+                && name != crate::policy::chains::DEFAULT_CHAIN
+                && !raw.chains.contains_key(name)
+            {
+                v.problem(
+                    key("policies"),
+                    format!(
+                        "route {prefix:?} names the policy chain {name:?}, but there is no \
+                         [[chains.{name}]] (chains: {})",
+                        crate::policy::chains::names_for_message(raw.chains.keys())
+                    ),
+                );
+            }
             routes.push(RouteConfig {
+                policies: r.policies,
                 prefix,
                 upstream: upstream.unwrap_or(0),
                 auth,
@@ -1144,56 +1173,23 @@ impl Config {
             });
         }
 
-        let mut policies = Vec::new();
-        for (i, p) in raw.policies.into_iter().enumerate() {
-            let key = |field: &str| format!("policies[{i}].{field}");
-            let plugin = match p.plugin {
-                Some(path) if !path.is_empty() => base.join(path),
-                _ => {
-                    v.problem(key("plugin"), "is required (the path of a .wasm file)");
-                    PathBuf::new()
-                }
-            };
-            let config_json = match p.config {
-                None => "{}".to_string(),
-                Some(value @ figment::value::Value::Dict(..)) => {
-                    serde_json::to_string(&value).unwrap_or_else(|_| "{}".into())
-                }
-                Some(_) => {
-                    v.problem(
-                        key("config"),
-                        "must be a table, e.g. { ttl_seconds = 3600 }",
-                    );
-                    "{}".into()
-                }
-            };
-            let on_error = match p.on_error.as_deref().unwrap_or("deny") {
-                "deny" => OnError::Deny,
-                "allow" => OnError::Allow,
-                other => {
-                    v.problem(
-                        key("on_error"),
-                        format!("must be \"deny\" or \"allow\", not {other:?}"),
-                    );
-                    OnError::Deny
-                }
-            };
-            let timeout_ms = v.positive(&key("timeout_ms"), p.timeout_ms, 20);
-            if timeout_ms > 10_000 {
-                v.problem(key("timeout_ms"), "must be at most 10000");
+        let policies = raw
+            .policies
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| policy_entry(&mut v, &format!("policies[{i}]"), p, base))
+            .collect();
+        let mut chains = BTreeMap::new();
+        for (name, entries) in raw.chains {
+            if let Err(m) = crate::policy::chains::validate_name(&name) {
+                v.problem("chains", m);
             }
-            let memory_mb = v.positive(&key("memory_limit_mb"), p.memory_limit_mb, 16);
-            let max_mb = (crate::policy::engine::MAX_PLUGIN_MEMORY >> 20) as u64;
-            if memory_mb > max_mb {
-                v.problem(key("memory_limit_mb"), format!("must be at most {max_mb}"));
-            }
-            policies.push(PolicyConfig {
-                plugin,
-                config_json,
-                on_error,
-                timeout: Duration::from_millis(timeout_ms),
-                memory_bytes: (memory_mb.min(max_mb) as usize) << 20,
-            });
+            let entries = entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| policy_entry(&mut v, &format!("chains.{name}[{i}]"), p, base))
+                .collect();
+            chains.insert(name, entries);
         }
         let plugins = PluginsConfig {
             watch: raw.plugins.watch.unwrap_or(false),
@@ -1213,6 +1209,7 @@ impl Config {
 
         if v.problems.is_empty() {
             Ok(Config {
+                chains,
                 source: file.to_string(),
                 path: None,
                 server,
@@ -1267,6 +1264,59 @@ pub fn redact_url(url: &str) -> String {
         return format!("{scheme}://{user}:****@{host}");
     }
     url.to_string()
+}
+
+/// One policy plugin entry (`[[policies]]` or `[[chains.<name>]]`) at
+/// `at` (e.g. `policies[0]`), checked.
+fn policy_entry(v: &mut Validator, at: &str, p: RawPolicy, base: &Path) -> PolicyConfig {
+    let key = |field: &str| format!("{at}.{field}");
+    let plugin = match p.plugin {
+        Some(path) if !path.is_empty() => base.join(path),
+        _ => {
+            v.problem(key("plugin"), "is required (the path of a .wasm file)");
+            PathBuf::new()
+        }
+    };
+    let config_json = match p.config {
+        None => "{}".to_string(),
+        Some(value @ figment::value::Value::Dict(..)) => {
+            serde_json::to_string(&value).unwrap_or_else(|_| "{}".into())
+        }
+        Some(_) => {
+            v.problem(
+                key("config"),
+                "must be a table, e.g. { ttl_seconds = 3600 }",
+            );
+            "{}".into()
+        }
+    };
+    let on_error = match p.on_error.as_deref().unwrap_or("deny") {
+        "deny" => OnError::Deny,
+        "allow" => OnError::Allow,
+        other => {
+            v.problem(
+                key("on_error"),
+                format!("must be \"deny\" or \"allow\", not {other:?}"),
+            );
+            OnError::Deny
+        }
+    };
+    let timeout_ms = v.positive(&key("timeout_ms"), p.timeout_ms, 20);
+    if timeout_ms > 10_000 {
+        v.problem(key("timeout_ms"), "must be at most 10000");
+    }
+    let memory_mb = v.positive(&key("memory_limit_mb"), p.memory_limit_mb, 16);
+    let max_mb = (crate::policy::engine::MAX_PLUGIN_MEMORY >> 20) as u64;
+    if memory_mb > max_mb {
+        v.problem(key("memory_limit_mb"), format!("must be at most {max_mb}"));
+    }
+    PolicyConfig {
+        plugin,
+        config_json,
+        on_error,
+        timeout: Duration::from_millis(timeout_ms),
+        memory_bytes: (memory_mb.min(max_mb) as usize) << 20,
+    }
 }
 
 /// A TLS file's path, resolved against the config file's directory.

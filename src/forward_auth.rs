@@ -324,7 +324,7 @@ impl Gateway {
         let auth = self.authenticator();
         let who = auth.identify(route.auth, headers, request_id).await?;
         outcome.session_id = who.session.as_ref().map(|s| s.id);
-        auth.authorize(&who, &context).await?;
+        auth.authorize(route, &who, &context).await?;
         Ok(who.session)
     }
 }

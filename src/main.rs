@@ -77,8 +77,8 @@ fn main() -> ExitCode {
                 sessiongate::telemetry::init_stderr("warn");
                 // Compiles every plugin and runs its init: no network.
                 let metrics = std::sync::Arc::new(sessiongate::metrics::Metrics::new());
-                match sessiongate::policy::PolicyChain::load(
-                    &config.policies,
+                match sessiongate::policy::chains::ChainSet::load(
+                    sessiongate::policy::chains::ChainConfigs::of(&config),
                     config.plugins.log_lines_per_second,
                     metrics,
                 ) {
@@ -95,7 +95,8 @@ fn main() -> ExitCode {
                         }
                     },
                     Err(e) => {
-                        eprintln!("{}: key `policies`: {e}", config.source);
+                        let (key, error) = e.config_key();
+                        eprintln!("{}: key `{key}`: {error}", config.source);
                         ExitCode::FAILURE
                     }
                 }

@@ -245,6 +245,9 @@ pub struct PolicyCallLabels {
     pub hook: &'static str,
     /// `allow`, `extend`, `deny` or `error`.
     pub outcome: &'static str,
+    /// The plugin's chain: `default` (`[[policies]]`) or a
+    /// `[chains.<name>]`, so that one plugin file in two chains counts twice.
+    pub chain: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -252,11 +255,13 @@ pub struct PolicyFailureLabels {
     pub plugin: &'static str,
     /// `timeout`, `memory`, `stack`, `trap`, `invalid_decision`, `instantiate`.
     pub kind: &'static str,
+    pub chain: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginLabels {
     pub plugin: &'static str,
+    pub chain: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -561,9 +566,13 @@ impl Metrics {
             .observe(seconds);
     }
 
-    pub fn policy_failure(&self, plugin: &'static str, kind: &'static str) {
+    pub fn policy_failure(&self, plugin: &'static str, chain: &'static str, kind: &'static str) {
         self.policy_failures
-            .get_or_create(&PolicyFailureLabels { plugin, kind })
+            .get_or_create(&PolicyFailureLabels {
+                plugin,
+                kind,
+                chain,
+            })
             .inc();
     }
 

@@ -290,7 +290,7 @@ impl Gateway {
             .identify(route.auth, req.headers(), request_id_text(request_id))
             .await?;
         outcome.session_id = who.session.as_ref().map(|s| s.id);
-        self.auth.authorize(&who, &context).await?;
+        self.auth.authorize(route, &who, &context).await?;
 
         let forwarded = self
             .forwarder
@@ -301,6 +301,7 @@ impl Gateway {
             Forwarded::Response(mut resp) => {
                 self.sessions
                     .apply_directives(
+                        route.policies.as_deref(),
                         resp.headers_mut(),
                         who.presented.key(),
                         who.session.as_deref(),

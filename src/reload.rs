@@ -184,10 +184,10 @@ impl Reloader {
                 .with_assertions(old.forwarder().assertions().cloned())
             })
             .collect();
-        // Until per-route chains give `Policies` a reload from a given
-        // config, the chain reads the file itself.
+        // Every chain of the new config, loaded and swapped at once; the
+        // routes that name them follow right below.
         self.policies
-            .reload()
+            .reload_from(&new)
             .await
             .map_err(|e| ReloadError::Policies(e.to_string()))?;
         for (slot, gateway) in self.slots.iter().zip(gateways) {
@@ -508,8 +508,13 @@ fn live_changes(
     let settings = |c: &Config, r: &crate::config::RouteConfig| {
         let upstream = c.upstreams.get(r.upstream).map(|u| u.name.as_str());
         format!(
-            "{upstream:?} {:?} {:?} {} {:?} {:?}",
-            r.auth, r.login_redirect, r.max_body_bytes, r.audience, r.forward_attributes
+            "{upstream:?} {:?} {:?} {} {:?} {:?} {:?}",
+            r.auth,
+            r.login_redirect,
+            r.max_body_bytes,
+            r.audience,
+            r.forward_attributes,
+            r.policies
         )
     };
     let mut routes = Vec::new();
@@ -558,6 +563,20 @@ fn live_changes(
     if !same(&old.policies, &new.policies) {
         part("policies", vec!["[[policies]]".into()]);
     }
+    let mut chains = Vec::new();
+    for (name, c) in &new.chains {
+        match old.chains.get(name) {
+            None => chains.push(format!("added {name}")),
+            Some(o) if !same(o, c) => chains.push(format!("changed {name}")),
+            Some(_) => {}
+        }
+    }
+    for name in old.chains.keys() {
+        if !new.chains.contains_key(name) {
+            chains.push(format!("removed {name}"));
+        }
+    }
+    part("chains", chains);
     changed
 }
 

@@ -44,7 +44,8 @@ use crate::config::{Config, ServerConfig};
 use crate::forwarded::Edge;
 use crate::limits::{ClientCounts, ConnBudget, ConnState};
 use crate::metrics::Metrics;
-use crate::policy::{Policies, PolicyChain};
+use crate::policy::Policies;
+use crate::policy::chains::{ChainConfigs, ChainSet};
 use crate::proxy::{Gateway, Peer};
 use crate::reload::Reloader;
 use crate::store::layered::{Announcing, LayeredTier};
@@ -67,8 +68,12 @@ pub enum StartError {
         address: String,
         reason: String,
     },
-    #[error("{file}: key `policies`: {reason}")]
-    Policy { file: String, reason: String },
+    #[error("{file}: key `{key}`: {reason}")]
+    Policy {
+        file: String,
+        key: String,
+        reason: String,
+    },
     #[error("{file}: {reason}")]
     Tls { file: String, reason: String },
     #[error("{file}: key `session.assertion`: {reason}")]
@@ -614,9 +619,9 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         tokio::spawn(async move { store.maintain(maintenance_rx.clone()).await }),
     ];
     // With a config file, its change (or a plugin file's) reloads the
-    // whole config, the chain included (reload.rs); without one, the
-    // plugin files' reload the chain.
-    if config.plugins.watch && (reloader.has_file() || !config.policies.is_empty()) {
+    // whole config, every chain included (reload.rs); without one, the
+    // plugin files' reload the chains.
+    if config.plugins.watch && (reloader.has_file() || ChainConfigs::of(&config).has_plugins()) {
         let stamps = policies.clone();
         let reload = reloader.clone();
         tasks.push(tokio::spawn(watch_files(
@@ -665,29 +670,28 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     })
 }
 
-/// Loads the configured policy chain (compiling off the async workers).
+/// Loads the configured policy chains, the default and every named one
+/// (compiling off the async workers).
 pub async fn load_policies(config: &Config, metrics: Arc<Metrics>) -> Result<Policies, StartError> {
-    let configs = config.policies.clone();
+    let configs = ChainConfigs::of(config);
     let loader_metrics = metrics.clone();
     let rate = config.plugins.log_lines_per_second;
-    let chain =
-        tokio::task::spawn_blocking(move || PolicyChain::load(&configs, rate, loader_metrics))
-            .await
-            .map_err(|e| StartError::Policy {
+    let chains = tokio::task::spawn_blocking(move || ChainSet::load(configs, rate, loader_metrics))
+        .await
+        .map_err(|e| StartError::Policy {
+            file: config.source.clone(),
+            key: "policies".into(),
+            reason: format!("the plugin loader panicked: {e}"),
+        })?
+        .map_err(|e| {
+            let (key, error) = e.config_key();
+            StartError::Policy {
                 file: config.source.clone(),
-                reason: format!("the plugin loader panicked: {e}"),
-            })?
-            .map_err(|e| StartError::Policy {
-                file: config.source.clone(),
-                reason: e.to_string(),
-            })?;
-    Ok(Policies::new(
-        chain,
-        config.policies.clone(),
-        config.path.clone(),
-        config.plugins.log_lines_per_second,
-        metrics,
-    ))
+                key,
+                reason: error.to_string(),
+            }
+        })?;
+    Ok(Policies::with_chains(chains, config, metrics))
 }
 
 /// Checks `[server.tls]`'s certificates and keys as a start would

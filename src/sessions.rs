@@ -22,8 +22,8 @@ pub struct SessionService {
     store: SessionStore,
     token_key: TokenKey,
     config: SessionConfig,
-    /// This worker's handle on the running policy chain.
-    chain: Arc<ChainCache>,
+    /// This worker's handle on the running policy chains.
+    chains: Arc<ChainCache>,
 }
 
 impl SessionService {
@@ -31,13 +31,13 @@ impl SessionService {
         store: SessionStore,
         token_key: TokenKey,
         config: SessionConfig,
-        chain: Arc<ChainCache>,
+        chains: Arc<ChainCache>,
     ) -> SessionService {
         SessionService {
             store,
             token_key,
             config,
-            chain,
+            chains,
         }
     }
 
@@ -46,16 +46,36 @@ impl SessionService {
         &self.store
     }
 
-    /// Creates a durable session for `user_id` through the policy chain
-    /// (create hooks, then eviction of the user's other sessions); returns
-    /// its token (the only copy there will ever be) and the session.
+    /// Creates a durable session for `user_id` through the default policy
+    /// chain (create hooks, then eviction of the user's other sessions);
+    /// returns its token (the only copy there will ever be) and the
+    /// session. The admin API creates sessions this way.
     pub async fn create(
         &self,
         user_id: String,
         attributes: BTreeMap<String, String>,
         request: Option<&RequestInfo>,
     ) -> Result<(String, Arc<Session>), ProxyError> {
-        let chain = self.chain.get();
+        self.create_on(None, user_id, attributes, request).await
+    }
+
+    /// Creates a session as [`SessionService::create`] does, through the
+    /// chain `chain` names (a route's `policies`; `None`: the default).
+    pub(crate) async fn create_on(
+        &self,
+        chain: Option<&str>,
+        user_id: String,
+        attributes: BTreeMap<String, String>,
+        request: Option<&RequestInfo>,
+    ) -> Result<(String, Arc<Session>), ProxyError> {
+        let chains = self.chains.get();
+        let Some(chain) = chains.get(chain) else {
+            tracing::error!(
+                chain = chain.unwrap_or_default(),
+                "the route's policy chain is not loaded; login refused"
+            );
+            return Err(ProxyError::PolicyFailed);
+        };
         let now = session::now_ms();
         let mut session = Session::new(user_id, attributes, self.config.default_ttl);
         chain
@@ -114,9 +134,11 @@ impl SessionService {
 
     /// Acts on `x-sessiongate-login` / `-attributes` / `-logout` in an
     /// upstream response and removes them; a new session or a logout
-    /// becomes `Set-Cookie`.
+    /// becomes `Set-Cookie`. A login runs the create and eviction hooks of
+    /// `chain`: the chain of the route the response came through.
     pub(crate) async fn apply_directives(
         &self,
+        chain: Option<&str>,
         headers: &mut HeaderMap,
         presented: Option<TokenHash>,
         session: Option<&Session>,
@@ -169,7 +191,7 @@ impl SessionService {
                 self.revoke(&key).await?;
             }
             let (token, session) = self
-                .create(user_id, attributes, Some(&context.info()))
+                .create_on(chain, user_id, attributes, Some(&context.info()))
                 .await?;
             headers.append(header::SET_COOKIE, self.login_cookie(&token, &session));
         }

@@ -4,17 +4,22 @@
 //!
 //! * [`engine`] — the one shared wasmtime engine and its epoch ticker.
 //! * [`plugin`] — one plugin: compile, instance pool, limits, failures.
-//! * this module — the chain of `[[policies]]` run in order, the decisions
+//! * [`chains`] — the named chains (`[[chains.<name>]]`) next to the
+//!   default one (`[[policies]]`), loaded together as one set.
+//! * this module — a chain's plugins run in order, the decisions
 //!   checked against what a policy may decide, and [`Policies`], which
-//!   holds the chain behind an atomic pointer so that a reload swaps it
-//!   whole while requests already running finish on the old one.
+//!   holds the set of chains behind an atomic pointer so that a reload
+//!   swaps every chain at once while requests already running finish on
+//!   the old ones.
 //!
 //! The interface is `plugins/wit/policy.wit`.
 
+pub mod chains;
 pub mod engine;
 mod lograte;
 pub mod plugin;
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -23,9 +28,10 @@ use arc_swap::ArcSwap;
 use http::StatusCode;
 use uuid::Uuid;
 
-use crate::config::{OnError, PolicyConfig};
+use crate::config::{Config, OnError, PolicyConfig};
 use crate::metrics::Metrics;
 use crate::session::{self, Session};
+use chains::{ChainConfigs, ChainSet, ChainsInfo, DEFAULT_CHAIN};
 use plugin::{Limits, LoadError, Plugin, PluginFailure};
 
 /// The host side of `plugins/wit/policy.wit`.
@@ -72,8 +78,10 @@ struct Loaded {
     loaded_at: SystemTime,
 }
 
-/// The `[[policies]]` in order, loaded.
+/// One chain's plugins in order, loaded.
 pub struct PolicyChain {
+    /// `default` or the `[chains.<name>]` name, interned (a metric label).
+    name: &'static str,
     plugins: Vec<Loaded>,
     metrics: Arc<Metrics>,
 }
@@ -145,9 +153,22 @@ impl PolicyChain {
         log_lines_per_second: u32,
         metrics: Arc<Metrics>,
     ) -> Result<PolicyChain, LoadError> {
+        Self::load_named(DEFAULT_CHAIN, configs, log_lines_per_second, metrics)
+    }
+
+    /// Loads the chain called `name` (its plugins' metrics carry it as
+    /// the `chain` label).
+    pub fn load_named(
+        name: &str,
+        configs: &[PolicyConfig],
+        log_lines_per_second: u32,
+        metrics: Arc<Metrics>,
+    ) -> Result<PolicyChain, LoadError> {
+        let name = crate::metrics::intern(name);
         let mut plugins = Vec::with_capacity(configs.len());
         for c in configs {
             let plugin = Plugin::load(
+                name,
                 &c.plugin.display().to_string(),
                 &c.config_json,
                 Limits {
@@ -163,14 +184,24 @@ impl PolicyChain {
                 loaded_at: SystemTime::now(),
             });
         }
-        Ok(PolicyChain { plugins, metrics })
+        Ok(PolicyChain {
+            name,
+            plugins,
+            metrics,
+        })
     }
 
     pub fn empty(metrics: Arc<Metrics>) -> PolicyChain {
         PolicyChain {
+            name: DEFAULT_CHAIN,
             plugins: Vec::new(),
             metrics,
         }
+    }
+
+    /// `default` or the chain's `[chains.<name>]` name.
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     pub fn is_empty(&self) -> bool {
@@ -219,9 +250,11 @@ impl PolicyChain {
     /// A failed plugin: logged, counted, and resolved by its `on_error`.
     fn failed(&self, l: &Loaded, hook: &'static str, failure: &PluginFailure) -> Option<Refusal> {
         self.record(&l.plugin, hook, "error");
-        self.metrics.policy_failure(l.plugin.label, failure.kind());
+        self.metrics
+            .policy_failure(l.plugin.label, self.name, failure.kind());
         tracing::warn!(
             plugin = %l.plugin.path,
+            chain = self.name,
             hook,
             failure = %failure,
             on_error = ?l.on_error,
@@ -367,24 +400,37 @@ impl PolicyChain {
     }
 }
 
-/// The running chain, swapped whole on reload.
+/// The running chains, swapped whole (all of them at once) on reload.
 pub struct Policies {
-    current: ArcSwap<PolicyChain>,
+    current: ArcSwap<ChainSet>,
     /// Bumped after every swap, so that a worker's [`ChainCache`] sees a
     /// swap with one read of a line that is written only by reloads.
     generation: AtomicU64,
-    configs: ArcSwap<Vec<PolicyConfig>>,
-    /// The config file whose `[[policies]]` a reload reads again.
+    /// The config file whose chains a reload reads again.
     source: Option<std::path::PathBuf>,
     /// `plugins.log_lines_per_second`, as at start (like every other
-    /// setting outside `[[policies]]`).
+    /// setting outside the chains).
     log_lines_per_second: u32,
+    /// The chain names the running routes use: a reload of the chains
+    /// alone ([`Policies::reload`]) must keep each of them, since it does
+    /// not change the routes.
+    in_use: Mutex<BTreeSet<String>>,
     metrics: Arc<Metrics>,
     /// Serializes reloads so two never interleave.
     reload_lock: tokio::sync::Mutex<()>,
 }
 
+/// The chain names `config`'s routes use.
+fn chains_in_use(config: &Config) -> BTreeSet<String> {
+    config
+        .routes
+        .iter()
+        .filter_map(|r| r.policies.clone())
+        .collect()
+}
+
 impl Policies {
+    /// The policies of a gateway with the default chain alone.
     pub fn new(
         chain: PolicyChain,
         configs: Vec<PolicyConfig>,
@@ -392,24 +438,62 @@ impl Policies {
         log_lines_per_second: u32,
         metrics: Arc<Metrics>,
     ) -> Policies {
-        Policies {
-            current: ArcSwap::from_pointee(chain),
-            generation: AtomicU64::new(0),
-            configs: ArcSwap::from_pointee(configs),
+        Self::from_set(
+            ChainSet::only(chain, configs),
+            BTreeSet::new(),
             source,
             log_lines_per_second,
+            metrics,
+        )
+    }
+
+    /// The policies of `config`, whose chains `chains` holds loaded
+    /// ([`ChainSet::load`] of [`ChainConfigs::of`] `config`).
+    pub fn with_chains(chains: ChainSet, config: &Config, metrics: Arc<Metrics>) -> Policies {
+        Self::from_set(
+            chains,
+            chains_in_use(config),
+            config.path.clone(),
+            config.plugins.log_lines_per_second,
+            metrics,
+        )
+    }
+
+    fn from_set(
+        chains: ChainSet,
+        in_use: BTreeSet<String>,
+        source: Option<std::path::PathBuf>,
+        log_lines_per_second: u32,
+        metrics: Arc<Metrics>,
+    ) -> Policies {
+        Policies {
+            current: ArcSwap::from_pointee(chains),
+            generation: AtomicU64::new(0),
+            source,
+            log_lines_per_second,
+            in_use: Mutex::new(in_use),
             metrics,
             reload_lock: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The chain for one request; it stays valid however many reloads
-    /// happen while the request runs.
+    /// The default chain for one request; it stays valid however many
+    /// reloads happen while the request runs.
     pub fn chain(&self) -> Arc<PolicyChain> {
+        self.current.load().default_chain().clone()
+    }
+
+    /// Every chain, as running now.
+    pub fn chains(&self) -> Arc<ChainSet> {
         self.current.load_full()
     }
 
-    /// A cache of the running chain for one worker.
+    /// What `GET /v1/policies` shows.
+    pub fn info(&self) -> ChainsInfo {
+        self.current.load().info()
+    }
+
+    /// A cache of the running chains for one worker.
     pub fn cache(self: &Arc<Self>) -> ChainCache {
         ChainCache {
             policies: self.clone(),
@@ -417,70 +501,116 @@ impl Policies {
         }
     }
 
-    pub fn configs(&self) -> Arc<Vec<PolicyConfig>> {
-        self.configs.load_full()
+    /// The default chain's entries.
+    pub fn configs(&self) -> Vec<PolicyConfig> {
+        self.current.load().configs().default.clone()
     }
 
-    /// Reads the `[[policies]]` of the config file again (when the gateway
-    /// was started from one) and reloads every plugin from disk, off the
-    /// request path, then swaps the new chain in; on any failure the old
-    /// chain stays. Other config changes need a restart.
-    pub async fn reload(&self) -> Result<Vec<PluginInfo>, LoadError> {
+    /// Reads the chains (`[[policies]]` and every `[[chains.<name>]]`) of
+    /// the config file again (when the gateway was started from one) and
+    /// reloads every plugin from disk, off the request path, then swaps
+    /// the new chains in, all at once; on any failure, in any chain, the
+    /// old chains all stay. Routes are not reloaded, so the new file must
+    /// still define every chain a running route uses. Other config changes
+    /// need a restart (or a config reload, which calls
+    /// [`Policies::reload_from`]).
+    pub async fn reload(&self) -> Result<ChainsInfo, LoadError> {
         let _guard = self.reload_lock.lock().await;
-        let configs: Vec<PolicyConfig> = match &self.source {
-            Some(path) => match crate::config::Config::load(path) {
-                Ok(config) => config.policies,
-                Err(e) => {
-                    self.metrics.policy_reload("error");
-                    tracing::warn!(error = %e, "policy reload failed; the previous chain stays in service");
-                    return Err(LoadError::Config(e.to_string()));
-                }
+        let configs = match &self.source {
+            Some(path) => match Config::load(path) {
+                Ok(config) => ChainConfigs::of(&config),
+                Err(e) => return Err(self.failed(LoadError::Config(e.to_string()))),
             },
-            None => self.configs.load().as_ref().clone(),
+            None => self.current.load().configs().as_ref().clone(),
         };
+        let missing: Vec<String> = {
+            let in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+            in_use
+                .iter()
+                .filter(|name| {
+                    name.as_str() != DEFAULT_CHAIN && !configs.named.contains_key(name.as_str())
+                })
+                .cloned()
+                .collect()
+        };
+        if !missing.is_empty() {
+            return Err(self.failed(LoadError::Config(format!(
+                "the config no longer defines the chain(s) {}, which running routes use \
+                 (a policy reload does not change routes)",
+                chains::names_for_message(missing.iter())
+            ))));
+        }
+        self.load_and_swap(configs, None).await
+    }
+
+    /// Loads every chain of `config` (an already parsed and validated
+    /// new config, as a config reload has it) off the request path and
+    /// swaps them in, all at once; on any failure the old chains all stay.
+    /// The caller swaps in `config`'s routes right after: until then, a
+    /// request on a running route whose chain `config` removed is refused
+    /// (503 `policy_failed`), never run on another chain.
+    pub async fn reload_from(&self, config: &Config) -> Result<ChainsInfo, LoadError> {
+        let _guard = self.reload_lock.lock().await;
+        self.load_and_swap(ChainConfigs::of(config), Some(chains_in_use(config)))
+            .await
+    }
+
+    /// Loads `configs` off the request path and swaps the set in; with
+    /// `in_use`, the routes' chain names change with it.
+    async fn load_and_swap(
+        &self,
+        configs: ChainConfigs,
+        in_use: Option<BTreeSet<String>>,
+    ) -> Result<ChainsInfo, LoadError> {
         let metrics = self.metrics.clone();
-        let to_load = configs.clone();
         let rate = self.log_lines_per_second;
-        let loaded =
-            tokio::task::spawn_blocking(move || PolicyChain::load(&to_load, rate, metrics))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(LoadError::Compile {
-                        path: "(reload)".into(),
-                        reason: format!("the loader panicked: {e}"),
-                    })
-                });
+        let loaded = tokio::task::spawn_blocking(move || ChainSet::load(configs, rate, metrics))
+            .await
+            .unwrap_or_else(|e| {
+                Err(LoadError::Compile {
+                    path: "(reload)".into(),
+                    reason: format!("the loader panicked: {e}"),
+                })
+            });
         match loaded {
-            Ok(chain) => {
-                let info = chain.info();
-                self.current.store(Arc::new(chain));
+            Ok(chains) => {
+                let info = chains.info();
+                self.current.store(Arc::new(chains));
+                if let Some(in_use) = in_use {
+                    *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) = in_use;
+                }
                 self.generation.fetch_add(1, Ordering::Release);
-                self.configs.store(Arc::new(configs));
                 self.metrics.policy_reload("ok");
-                tracing::info!(plugins = info.len(), "policy chain reloaded");
+                tracing::info!(
+                    chains = info.chains.len(),
+                    plugins = info.chains.values().map(Vec::len).sum::<usize>(),
+                    "policy chains reloaded"
+                );
                 Ok(info)
             }
-            Err(e) => {
-                self.metrics.policy_reload("error");
-                tracing::warn!(error = %e, "policy reload failed; the previous chain stays in service");
-                Err(e)
-            }
+            Err(e) => Err(self.failed(e)),
         }
     }
 
-    /// Fingerprints (modification time and size) of the plugin files and
-    /// of the config file, for the file watcher.
+    fn failed(&self, e: LoadError) -> LoadError {
+        self.metrics.policy_reload("error");
+        tracing::warn!(error = %e, "policy reload failed; the previous chains stay in service");
+        e
+    }
+
+    /// Fingerprints (modification time and size) of every chain's plugin
+    /// files and of the config file, for the file watcher.
     pub fn file_stamps(&self) -> Vec<Option<(SystemTime, u64)>> {
         let stamp = |path: &std::path::Path| {
             std::fs::metadata(path)
                 .ok()
                 .and_then(|m| Some((m.modified().ok()?, m.len())))
         };
-        let mut stamps: Vec<_> = self
-            .configs
-            .load()
+        let chains = self.current.load();
+        let mut stamps: Vec<_> = chains
+            .configs()
             .iter()
-            .map(|c| stamp(&c.plugin))
+            .flat_map(|(_, configs)| configs.iter().map(|c| stamp(&c.plugin)))
             .collect();
         if let Some(source) = &self.source {
             stamps.push(stamp(source));
@@ -489,40 +619,41 @@ impl Policies {
     }
 }
 
-/// One worker's handle on the running chain. Every request needs the
+/// One worker's handle on the running chains. Every request needs its
 /// chain for as long as it runs; taking it from the shared [`ArcSwap`]
-/// would count a reference on the chain's one shared reference count, a
+/// would count a reference on the set's one shared reference count, a
 /// cache line every worker writes on every request. The cache holds the
-/// chain behind a reference count of its own worker, and looks at the
+/// set behind a reference count of its own worker, and looks at the
 /// shared state only to read the generation, which changes on reloads
-/// alone: a swap still reaches every worker's next request.
+/// alone: a swap still reaches every worker's next request. One cache
+/// covers every chain: a route's chain is a lookup in the cached set.
 pub struct ChainCache {
     policies: Arc<Policies>,
-    seen: Mutex<Option<(u64, Arc<CachedChain>)>>,
+    seen: Mutex<Option<(u64, Arc<CachedChains>)>>,
 }
 
-/// The chain as one worker holds it: the worker's own reference count on
-/// one shared reference to the chain.
-pub struct CachedChain(Arc<PolicyChain>);
+/// The chains as one worker holds them: the worker's own reference count
+/// on one shared reference to the set.
+pub struct CachedChains(Arc<ChainSet>);
 
-impl std::ops::Deref for CachedChain {
-    type Target = PolicyChain;
-    fn deref(&self) -> &PolicyChain {
+impl std::ops::Deref for CachedChains {
+    type Target = ChainSet;
+    fn deref(&self) -> &ChainSet {
         &self.0
     }
 }
 
 impl ChainCache {
-    /// The chain for one request.
-    pub fn get(&self) -> Arc<CachedChain> {
+    /// The chains for one request.
+    pub fn get(&self) -> Arc<CachedChains> {
         let generation = self.policies.generation.load(Ordering::Acquire);
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         match &*seen {
-            Some((g, chain)) if *g == generation => chain.clone(),
+            Some((g, chains)) if *g == generation => chains.clone(),
             _ => {
-                let chain = Arc::new(CachedChain(self.policies.current.load_full()));
-                *seen = Some((generation, chain.clone()));
-                chain
+                let chains = Arc::new(CachedChains(self.policies.current.load_full()));
+                *seen = Some((generation, chains.clone()));
+                chains
             }
         }
     }

@@ -73,6 +73,26 @@ pub enum LoadError {
     Init { path: String, reason: String },
     #[error("{0}")]
     Config(String),
+    #[error("chain \"{chain}\": {error}")]
+    Chain {
+        chain: String,
+        error: Box<LoadError>,
+    },
+}
+
+impl LoadError {
+    /// The config key of the chain that failed (`policies`, or
+    /// `chains.<name>`) and the failure itself, for messages that name
+    /// the key.
+    pub fn config_key(&self) -> (String, &LoadError) {
+        match self {
+            LoadError::Chain { chain, error } if chain != super::chains::DEFAULT_CHAIN => {
+                (format!("chains.{chain}"), error)
+            }
+            LoadError::Chain { error, .. } => ("policies".into(), error),
+            other => ("policies".into(), other),
+        }
+    }
 }
 
 /// Limits for one plugin's calls.
@@ -86,6 +106,7 @@ pub struct Limits {
 /// plugin's name and log rate for its log lines.
 pub struct HostState {
     name: Arc<str>,
+    chain: &'static str,
     memory_limit: usize,
     memory_refused: bool,
     log_rate: Arc<LogRate>,
@@ -155,18 +176,19 @@ impl host::Host for HostState {
             message.truncate(cut);
         }
         let plugin = &*self.name;
+        let chain = self.chain;
         match level {
             types::LogLevel::Debug => {
-                tracing::debug!(target: "sessiongate::plugin", plugin, "{message}")
+                tracing::debug!(target: "sessiongate::plugin", plugin, chain, "{message}")
             }
             types::LogLevel::Info => {
-                tracing::info!(target: "sessiongate::plugin", plugin, "{message}")
+                tracing::info!(target: "sessiongate::plugin", plugin, chain, "{message}")
             }
             types::LogLevel::Warn => {
-                tracing::warn!(target: "sessiongate::plugin", plugin, "{message}")
+                tracing::warn!(target: "sessiongate::plugin", plugin, chain, "{message}")
             }
             types::LogLevel::Error => {
-                tracing::error!(target: "sessiongate::plugin", plugin, "{message}")
+                tracing::error!(target: "sessiongate::plugin", plugin, chain, "{message}")
             }
         }
     }
@@ -204,6 +226,9 @@ pub struct Plugin {
     pub name: Arc<str>,
     /// The name as an interned metric label.
     pub label: &'static str,
+    /// The chain it was loaded for (`default` or a `[chains.<name>]`), an
+    /// interned metric label.
+    pub chain: &'static str,
     pub path: String,
     pub sha256: String,
     pub hooks: types::Hooks,
@@ -233,6 +258,7 @@ impl Plugin {
     /// compilation takes tens of milliseconds; call it off the request
     /// path).
     pub fn load(
+        chain: &str,
         path: &str,
         config_json: &str,
         limits: Limits,
@@ -244,6 +270,7 @@ impl Plugin {
             reason: e.to_string(),
         })?;
         Self::from_bytes(
+            chain,
             path,
             &bytes,
             config_json,
@@ -254,6 +281,7 @@ impl Plugin {
     }
 
     pub fn from_bytes(
+        chain: &str,
         path: &str,
         bytes: &[u8],
         config_json: &str,
@@ -286,6 +314,7 @@ impl Plugin {
             .unwrap_or_else(|| path.to_string())
             .into();
         let label = crate::metrics::intern(&name);
+        let chain = crate::metrics::intern(chain);
         let calls = HOOKS
             .iter()
             .flat_map(|hook| OUTCOMES.iter().map(move |outcome| (*hook, *outcome)))
@@ -296,6 +325,7 @@ impl Plugin {
                         plugin: label,
                         hook,
                         outcome,
+                        chain,
                     })
             })
             .collect();
@@ -303,12 +333,16 @@ impl Plugin {
             log_lines_per_second,
             metrics
                 .plugin_log_dropped
-                .get_or_create_owned(&crate::metrics::PluginLabels { plugin: label }),
+                .get_or_create_owned(&crate::metrics::PluginLabels {
+                    plugin: label,
+                    chain,
+                }),
             Instant::now(),
         ));
         let mut plugin = Plugin {
             calls,
             label,
+            chain,
             name,
             path: path.to_string(),
             sha256,
@@ -361,6 +395,7 @@ impl Plugin {
             engine(),
             HostState {
                 name: self.name.clone(),
+                chain: self.chain,
                 memory_limit: self.limits.memory_bytes,
                 memory_refused: false,
                 log_rate: self.log_rate.clone(),

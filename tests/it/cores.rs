@@ -208,7 +208,7 @@ async fn a_plugin_swap_reaches_every_worker_at_once() {
     let text = metrics_text(&admin).await;
     assert!(
         text.contains(
-            r#"sessiongate_policy_calls_total{plugin="deny",hook="access",outcome="deny"}"#
+            r#"sessiongate_policy_calls_total{plugin="deny",hook="access",outcome="deny",chain="default"}"#
         ),
         "{text}"
     );

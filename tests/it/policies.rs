@@ -302,7 +302,7 @@ async fn contained(plugin: &str, config: &str, failure_kind: &str) {
             .await
             .unwrap();
         let line = format!(
-            "sessiongate_policy_failures_total{{plugin=\"{plugin}\",kind=\"{failure_kind}\"}} 3"
+            "sessiongate_policy_failures_total{{plugin=\"{plugin}\",kind=\"{failure_kind}\",chain=\"default\"}} 3"
         );
         assert!(
             metrics.contains(&line),
@@ -388,7 +388,7 @@ async fn a_decision_outside_the_allowed_values_is_a_failure() {
         .unwrap();
     assert!(
         metrics.contains(
-            r#"sessiongate_policy_failures_total{plugin="bad-decision",kind="invalid_decision"} 4"#
+            r#"sessiongate_policy_failures_total{plugin="bad-decision",kind="invalid_decision",chain="default"} 4"#
         ),
         "{metrics}"
     );
@@ -871,7 +871,7 @@ async fn a_plugin_flooding_the_log_is_held_to_its_rate() {
         .unwrap();
     let dropped = metric(
         &metrics,
-        r#"sessiongate_plugin_log_dropped_total{plugin="log-flood"}"#,
+        r#"sessiongate_plugin_log_dropped_total{plugin="log-flood",chain="default"}"#,
     )
     .unwrap_or_else(|| panic!("no dropped-lines counter in\n{metrics}"));
     let text = output();
