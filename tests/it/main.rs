@@ -4,6 +4,7 @@
 mod admin;
 mod assertion;
 mod backend_tls;
+mod chains;
 mod cluster;
 mod config_cli;
 mod cores;
