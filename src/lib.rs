@@ -27,7 +27,7 @@
 //! | [`token`] | token issue and verification (CSPRNG + MAC), the stored hash |
 //! | [`session`] | the session record, its limits and the clock |
 //! | [`store`] | the fast/durable tier traits, their backends (memory, Redis or Redis Cluster, SQLite, PostgreSQL) and the hybrid composition |
-//! | [`policy`] | WebAssembly policy plugins: the wasmtime host, the chain, hot swap |
+//! | [`policy`] | WebAssembly policy plugins: the wasmtime host, the default and per-route chains, hot swap |
 //! | [`tools`] | operator tools (`sessiongate plugin try`) |
 //! | [`admin`] | the admin API, `/healthz`, `/readyz`, `/metrics` |
 //! | [`forward_auth`] | `[forward_auth]`: auth sub-requests from nginx `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`, routed and authenticated as the proxy does |
@@ -51,7 +51,7 @@
 //! extracts the token from `Authorization: Bearer` or the session cookie,
 //! verifies its MAC with [`token::TokenKey`] (no store sees a forged
 //! token), and looks its hash up in [`store::SessionStore`]: the fast tier,
-//! then the durable tier with a restore into the fast tier. The
+//! then the durable tier with a restore into the fast tier. The route's
 //! chain of [`policy`] plugins then allows the request, extends the
 //! session's expiry or denies it. [`forward::Forwarder`] sends the request
 //! to an [`upstream::Upstream`] with client-supplied identity headers
