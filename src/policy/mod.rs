@@ -551,45 +551,69 @@ impl Policies {
     /// (503 `policy_failed`), never run on another chain.
     pub async fn reload_from(&self, config: &Config) -> Result<ChainsInfo, LoadError> {
         let _guard = self.reload_lock.lock().await;
-        self.load_and_swap(ChainConfigs::of(config), Some(chains_in_use(config)))
-            .await
+        let prepared = self.load(ChainConfigs::of(config)).await?;
+        Ok(self.swap(prepared, Some(chains_in_use(config))))
     }
 
-    /// Loads `configs` off the request path and swaps the set in; with
-    /// `in_use`, the routes' chain names change with it.
+    /// The first half of [`Policies::reload_from`], for a caller that
+    /// swaps several things together: loads every chain of `config` off
+    /// the request path and swaps nothing. A failure is counted and
+    /// logged as a failed reload.
+    pub async fn prepare(&self, config: &Config) -> Result<PreparedChains, LoadError> {
+        let chains = self.load(ChainConfigs::of(config)).await?;
+        Ok(PreparedChains {
+            chains,
+            in_use: chains_in_use(config),
+        })
+    }
+
+    /// The second half: swaps prepared chains in (all at once).
+    pub async fn install(&self, prepared: PreparedChains) -> ChainsInfo {
+        let _guard = self.reload_lock.lock().await;
+        self.swap(prepared.chains, Some(prepared.in_use))
+    }
+
+    /// Loads `configs` off the request path and swaps the set in.
     async fn load_and_swap(
         &self,
         configs: ChainConfigs,
         in_use: Option<BTreeSet<String>>,
     ) -> Result<ChainsInfo, LoadError> {
+        let chains = self.load(configs).await?;
+        Ok(self.swap(chains, in_use))
+    }
+
+    /// Loads `configs` on a blocking thread.
+    async fn load(&self, configs: ChainConfigs) -> Result<ChainSet, LoadError> {
         let metrics = self.metrics.clone();
         let rate = self.log_lines_per_second;
-        let loaded = tokio::task::spawn_blocking(move || ChainSet::load(configs, rate, metrics))
+        tokio::task::spawn_blocking(move || ChainSet::load(configs, rate, metrics))
             .await
             .unwrap_or_else(|e| {
                 Err(LoadError::Compile {
                     path: "(reload)".into(),
                     reason: format!("the loader panicked: {e}"),
                 })
-            });
-        match loaded {
-            Ok(chains) => {
-                let info = chains.info();
-                self.current.store(Arc::new(chains));
-                if let Some(in_use) = in_use {
-                    *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) = in_use;
-                }
-                self.generation.fetch_add(1, Ordering::Release);
-                self.metrics.policy_reload("ok");
-                tracing::info!(
-                    chains = info.chains.len(),
-                    plugins = info.chains.values().map(Vec::len).sum::<usize>(),
-                    "policy chains reloaded"
-                );
-                Ok(info)
-            }
-            Err(e) => Err(self.failed(e)),
+            })
+            .map_err(|e| self.failed(e))
+    }
+
+    /// Swaps `chains` in; with `in_use`, the routes' chain names change
+    /// with it.
+    fn swap(&self, chains: ChainSet, in_use: Option<BTreeSet<String>>) -> ChainsInfo {
+        let info = chains.info();
+        self.current.store(Arc::new(chains));
+        if let Some(in_use) = in_use {
+            *self.in_use.lock().unwrap_or_else(|e| e.into_inner()) = in_use;
         }
+        self.generation.fetch_add(1, Ordering::Release);
+        self.metrics.policy_reload("ok");
+        tracing::info!(
+            chains = info.chains.len(),
+            plugins = info.chains.values().map(Vec::len).sum::<usize>(),
+            "policy chains reloaded"
+        );
+        info
     }
 
     fn failed(&self, e: LoadError) -> LoadError {
@@ -616,6 +640,19 @@ impl Policies {
             stamps.push(stamp(source));
         }
         stamps
+    }
+}
+
+/// Chains loaded by [`Policies::prepare`], not yet in service.
+pub struct PreparedChains {
+    chains: ChainSet,
+    in_use: BTreeSet<String>,
+}
+
+impl PreparedChains {
+    /// What they will show once installed.
+    pub fn info(&self) -> ChainsInfo {
+        self.chains.info()
     }
 }
 

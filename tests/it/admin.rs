@@ -712,7 +712,11 @@ async fn policies_are_listed_and_reloaded() {
     let gw = TestGateway::start().await;
     let resp = gw.admin(Method::GET, "/v1/policies").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"policies": []}));
+    // `policies` is the default chain (the contract); `chains` every chain.
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"policies": [], "chains": {"default": []}})
+    );
 
     let resp = gw
         .admin(Method::POST, "/v1/policies/reload")

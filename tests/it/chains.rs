@@ -392,6 +392,11 @@ async fn reload_from_swaps_in_the_chains_of_a_parsed_config() {
         ]
         .concat(),
     );
+    // Prepared (for a caller that swaps more with it) is not yet served.
+    let prepared = policies.prepare(&good).await.expect("prepare");
+    assert_eq!(prepared.info().chains.len(), 3);
+    assert_eq!(c.get("/admin/x", Some(&token)).await.status(), 200);
+    drop(prepared);
     let info = policies.reload_from(&good).await.expect("reload_from");
     assert_eq!(
         info.chains.keys().map(String::as_str).collect::<Vec<_>>(),
@@ -402,6 +407,19 @@ async fn reload_from_swaps_in_the_chains_of_a_parsed_config() {
     let list = c.admin_get("/v1/policies").await;
     assert_eq!(plugin_names(&list["chains"]["other"]), ["tag.wasm"]);
     assert_eq!(list["policies"], serde_json::json!([]));
+
+    // Chains swapped ahead of routes that still name a chain now gone (a
+    // config reload's window): that route's requests and logins are
+    // refused, never run on another chain.
+    let text = config_text(&upstream, dir.path(), "").replace("policies = \"admin\"\n", "");
+    let without = Config::from_toml_str(&text).expect("config");
+    policies.reload_from(&without).await.expect("reload_from");
+    let err = harness::expect_error(c.get("/admin/x", Some(&token)).await, 503).await;
+    assert_eq!(err["code"], "policy_failed");
+    let resp = c.get("/adminpub/login?user=bob", None).await;
+    assert_eq!(resp.status(), 503);
+    assert!(harness::set_cookie(resp.headers(), harness::COOKIE).is_none());
+    assert_eq!(c.get("/app/x", Some(&token)).await.status(), 200);
     running.shutdown().await;
 }
 
