@@ -278,6 +278,41 @@ async fn each_route_runs_its_own_chain_for_requests_and_logins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_auth_runs_the_chain_of_the_original_requests_route() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let chains = format!(
+        "{}\n[forward_auth]\nlisten = \"127.0.0.1:0\"\n",
+        entry(
+            Some("admin"),
+            &testing("deny"),
+            r#"{ status = 403, reason = "admins only" }"#,
+        )
+    );
+    let running = start(dir.path(), &config_text(&upstream, dir.path(), &chains)).await;
+    let c = Client::of(&running);
+    let fa = running.forward_auth_addr().expect("[forward_auth]");
+    let (_, token) = c.login("/public/", "alice").await;
+    let ask = |uri: &'static str| {
+        c.http
+            .get(format!("http://{fa}/.sessiongate/auth"))
+            .header("cookie", harness::cookie(&token))
+            .header("x-original-uri", uri)
+            .header("x-original-method", "GET")
+            .send()
+    };
+    let resp = ask("/app/x").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-user-id"], "alice");
+    for uri in ["/admin/x", "/app/../admin/x"] {
+        let resp = ask(uri).await.unwrap();
+        assert_eq!(resp.status(), 403, "{uri}");
+        assert!(resp.headers().get("x-user-id").is_none_or(|v| v.is_empty()));
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_swaps_every_chain_or_none() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
