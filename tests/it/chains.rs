@@ -392,6 +392,87 @@ async fn a_reload_swaps_every_chain_or_none() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_reload_moves_routes_and_chains_together() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let v1 = entry(Some("admin"), &testing("deny"), r#"{ reason = "v1" }"#);
+    let running = start(dir.path(), &config_text(&upstream, dir.path(), &v1)).await;
+    let c = Client::of(&running);
+    let (_, token) = c.login("/public/", "alice").await;
+    assert_eq!(c.get("/admin/x", Some(&token)).await.status(), 403);
+    let config_reload = || {
+        c.http
+            .post(format!("{}/v1/config/reload", c.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+    };
+
+    // A new chain, and the default route moved onto it.
+    let text = on_chain(
+        &config_text(
+            &upstream,
+            dir.path(),
+            &[
+                v1.clone(),
+                entry(Some("apps"), &testing("deny"), "{ status = 451 }"),
+            ]
+            .concat(),
+        ),
+        "/",
+        "apps",
+    );
+    std::fs::write(&path, text).unwrap();
+    let resp = config_reload().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    let changed = body["changed"].to_string();
+    assert!(
+        changed.contains("chains: added apps") && changed.contains("changed /"),
+        "{body}"
+    );
+    assert_eq!(c.get("/app/x", Some(&token)).await.status(), 451);
+    assert_eq!(c.get("/admin/x", Some(&token)).await.status(), 403);
+
+    // The admin chain removed with the routes that named it: accepted
+    // (the routes go with it), and those routes now run the default chain.
+    let text = on_chain(
+        &config_text(
+            &upstream,
+            dir.path(),
+            &entry(Some("apps"), &testing("deny"), "{ status = 451 }"),
+        ),
+        "/",
+        "apps",
+    )
+    .replace("policies = \"admin\"\n", "");
+    std::fs::write(&path, text).unwrap();
+    let resp = config_reload().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(c.get("/admin/x", Some(&token)).await.status(), 200);
+    let list = c.admin_get("/v1/policies").await;
+    assert!(list["chains"].get("admin").is_none(), "{list}");
+
+    // A broken chain refuses the whole config: routes and chains stay.
+    let broken = dir.path().join("broken.wasm");
+    std::fs::write(&broken, b"not wasm").unwrap();
+    let text = config_text(
+        &upstream,
+        dir.path(),
+        &entry(Some("admin"), &broken.display().to_string(), "{}"),
+    );
+    std::fs::write(&path, text).unwrap();
+    let err = harness::expect_error(config_reload().await.unwrap(), 422).await;
+    assert!(
+        err["message"].as_str().unwrap().contains("chain \"admin\""),
+        "{err}"
+    );
+    assert_eq!(c.get("/app/x", Some(&token)).await.status(), 451);
+    assert_eq!(c.admin_get("/v1/policies").await, list);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_from_swaps_in_the_chains_of_a_parsed_config() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
