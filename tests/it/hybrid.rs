@@ -194,7 +194,20 @@ impl TcpForwarder {
     /// A forwarder listening on `listen` (a port a gateway already points
     /// at, where nothing listened until now).
     pub(crate) async fn start_on(listen: &str, target: &str, delay: Duration) -> TcpForwarder {
-        let listener = TcpListener::bind(listen).await.expect("bind");
+        // A client that was connecting to this free port (a gateway
+        // retrying its database) can hold it for a moment by connecting to
+        // itself (TCP simultaneous open on loopback): wait until it lets go.
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(listen).await {
+                Ok(listener) => break listener,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 200 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => panic!("bind {listen}: {e}"),
+            }
+        };
         let forwarder = TcpForwarder {
             addr: listener.local_addr().expect("addr"),
             target: target.parse().expect("target address"),
