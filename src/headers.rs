@@ -79,26 +79,45 @@ pub fn is_reserved(name: &HeaderName) -> bool {
 /// names. With `keep_upgrade`, `Connection: upgrade` and `Upgrade` stay so
 /// that a WebSocket handshake reaches the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of them: one pass over the names present
-    // is cheaper than hashing each of the nine (a name Connection lists
-    // implies Connection itself is present).
-    if !keep_upgrade && !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the names present marks which hop-by-hop ones are
+    // there: most messages carry one or none (an origin's `Connection:
+    // keep-alive`), and comparing names is cheaper than hashing each of
+    // the ten for a removal.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 && !keep_upgrade {
         return;
     }
-    // Names listed in Connection are hop-by-hop too.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
-        .collect();
+    // Names listed in Connection are hop-by-hop too. The usual tokens
+    // (`keep-alive`, `upgrade`, ...) name headers removed below anyway,
+    // so a listed name is only collected (and allocated) otherwise.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(token))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                listed.push(name);
+            }
+        }
+    }
     for name in listed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP.iter() {
-        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) == 0
+            || keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE)
+        {
             continue;
         }
         headers.remove(name);

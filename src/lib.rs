@@ -56,7 +56,9 @@
 //! session's expiry or denies it. [`forward::Forwarder`] sends the request
 //! to an [`upstream::Upstream`] with client-supplied identity headers
 //! (and their look-alikes) removed and the session's identity added, its
-//! body bounded in size and pace, and only a WebSocket upgrade bridged. On
+//! body bounded in size and pace, and only a WebSocket upgrade bridged: a
+//! request without a body on the lean path ([`h1`], on the request's own
+//! task), the rest through hyper's client. On
 //! the way back, [`sessions::SessionService`] acts on the upstream's
 //! `x-sessiongate-login` / `-logout` headers: it creates or revokes
 //! sessions and sets the cookie. Any failure becomes a
@@ -72,6 +74,7 @@ pub mod error;
 pub mod forward;
 pub mod forward_auth;
 pub mod forwarded;
+pub mod h1;
 pub mod headers;
 pub(crate) mod limits;
 pub mod metrics;

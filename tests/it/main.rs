@@ -12,6 +12,7 @@ mod forward_auth;
 mod harness;
 mod hybrid;
 mod instances;
+mod lean;
 mod policies;
 mod proxy;
 mod reload;
