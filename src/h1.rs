@@ -13,6 +13,8 @@
 //! ([`MAX_CHUNK_LINE`]) and the trailers ([`MAX_TRAILERS`]). Public for the
 //! fuzz targets; property tests below, fuzz target `fuzz/fuzz_targets/h1.rs`.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{
     CONNECTION, CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue, TRANSFER_ENCODING,
@@ -96,19 +98,14 @@ pub enum HeadError {
 
 /// Parses a response head at the start of `buf`: `Ok(None)` while it is
 /// incomplete; otherwise the head and its length in bytes. Interim (1xx)
-/// responses come back like any other: the caller skips them. Header
-/// values are copied out of `buf`.
+/// responses come back like any other: the caller skips them.
 pub fn parse_response_head(
     buf: &[u8],
     method: &Method,
 ) -> Result<Option<(ResponseHead, usize)>, HeadError> {
-    let Some(raw) = RawHead::parse(buf)? else {
-        return Ok(None);
-    };
-    let head = raw.build(buf, method, |range| {
-        HeaderValue::from_bytes(&buf[range]).ok()
-    })?;
-    Ok(Some((head, raw.len)))
+    let mut buf = BytesMut::from(buf);
+    let before = buf.len();
+    Ok(take_response_head(&mut buf, method)?.map(|head| (head, before - buf.len())))
 }
 
 /// [`parse_response_head`] on a connection's read buffer: a complete head
@@ -118,31 +115,18 @@ pub fn take_response_head(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    let Some(raw) = RawHead::parse(buf)? else {
-        return Ok(None);
-    };
-    let bytes = buf.split_to(raw.len).freeze();
-    raw.build(&bytes, method, |range| {
-        HeaderValue::from_maybe_shared(bytes.slice(range)).ok()
-    })
-    .map(Some)
-}
-
-/// A head as `httparse` found it: the status, and where each header's
-/// name and value are in the buffer.
-struct RawHead {
-    len: usize,
-    code: u16,
-    http11: bool,
-    count: usize,
-    fields: [(u32, u32, u32, u32); MAX_HEADERS],
-}
-
-impl RawHead {
-    fn parse(buf: &[u8]) -> Result<Option<RawHead>, HeadError> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut slots);
-        let len = match response.parse(buf) {
+    // Where each name and value is: httparse's slices borrow `buf`, which
+    // is split below. Offsets fit in u32: a head is at most MAX_HEAD bytes.
+    let mut fields = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let (len, code, http11, count) = {
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut slots,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(HeadError::TooLarge);
@@ -155,9 +139,7 @@ impl RawHead {
             return Err(HeadError::TooLarge);
         }
         let base = buf.as_ptr() as usize;
-        // Offsets fit in u32: the head is at most MAX_HEAD bytes.
         let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
-        let mut fields = [(0, 0, 0, 0); MAX_HEADERS];
         for (field, h) in fields.iter_mut().zip(response.headers.iter()) {
             let (name, value) = (at(h.name.as_bytes()), at(h.value));
             *field = (
@@ -167,15 +149,34 @@ impl RawHead {
                 value + h.value.len() as u32,
             );
         }
-        Ok(Some(RawHead {
+        (
             len,
-            code: response.code.unwrap_or(0),
-            http11: response.version == Some(1),
-            count: response.headers.len(),
-            fields,
-        }))
-    }
+            response.code.unwrap_or(0),
+            response.version == Some(1),
+            response.headers.len(),
+        )
+    };
+    let bytes = buf.split_to(len).freeze();
+    let raw = RawHead {
+        code,
+        http11,
+        fields: &fields[..count],
+    };
+    raw.build(&bytes, method, |range| {
+        HeaderValue::from_maybe_shared(bytes.slice(range)).ok()
+    })
+    .map(Some)
+}
 
+/// A head as `httparse` found it: the status, and where each header's
+/// name and value are in the bytes it read.
+struct RawHead<'a> {
+    code: u16,
+    http11: bool,
+    fields: &'a [(u32, u32, u32, u32)],
+}
+
+impl RawHead<'_> {
     /// The head: names read from `src` (the bytes `parse` read), values
     /// made by `value` from their ranges in it.
     fn build(
@@ -186,12 +187,12 @@ impl RawHead {
     ) -> Result<ResponseHead, HeadError> {
         let status = StatusCode::from_u16(self.code)
             .map_err(|_| HeadError::Malformed(format!("status {}", self.code)))?;
-        let mut headers = HeaderMap::with_capacity(self.count);
+        let mut headers = HeaderMap::with_capacity(self.fields.len());
         let mut close = !self.http11;
         let mut chunked = false;
         let mut other_coding = false;
         let mut length: Option<u64> = None;
-        for &(ns, ne, vs, ve) in &self.fields[..self.count] {
+        for &(ns, ne, vs, ve) in self.fields {
             let value = value(vs as usize..ve as usize)
                 .ok_or_else(|| HeadError::Malformed("header value".into()))?;
             let name = HeaderName::from_bytes(&src[ns as usize..ne as usize])
