@@ -123,18 +123,23 @@ impl Forwarder {
         if http_body::Body::size_hint(&incoming).lower() > route.max_body_bytes {
             return Err(ProxyError::BodyTooLarge);
         }
-        let incoming = LimitedBody::new(
-            incoming,
-            route.max_body_bytes,
-            self.config.server.body_read_timeout,
-        );
+        // Most requests have no body: nothing to bound, nothing to box.
+        let outgoing = if http_body::Body::is_end_stream(&incoming) {
+            body::empty()
+        } else {
+            body::boxed(LimitedBody::new(
+                incoming,
+                route.max_body_bytes,
+                self.config.server.body_read_timeout,
+            ))
+        };
         let upstream = &self.upstreams[route.upstream];
         let mut resp = upstream
             .send(
                 parts.method,
                 parts.uri.path_and_query().cloned(),
                 headers,
-                body::boxed(incoming),
+                outgoing,
                 &peer.conn,
             )
             .await
