@@ -153,22 +153,45 @@ fn policies(c: &mut Criterion) {
         Arc::new(Metrics::new()),
     )
     .unwrap();
-    let s = session();
-    let request = RequestInfo {
+    let s = Arc::new(session());
+    let request = Arc::new(RequestInfo {
         method: "GET".into(),
         path: "/app/dashboard".into(),
         host: "app.example".into(),
         client_addr: "127.0.0.1".into(),
         user_agent: "bench".into(),
-    };
+    });
     // The hook is async (it yields to the scheduler every
     // `engine::YIELD_FUEL` units of fuel): measured as the gateway runs it,
-    // awaited on a tokio worker.
+    // awaited on a tokio worker. The bundled plugin is built with the SDK
+    // (interface 0.2.0: the times as arguments, no string read);
+    // `legacy-v010` makes the same decision through interface 0.1.0 (every
+    // string copied in), as every plugin did before 0.2.0.
     let rt = runtime();
     c.bench_function("policy/access_hook_one_plugin", |b| {
         b.to_async(&rt)
             .iter(|| chain.on_access(&s, &request, now_ms()))
     });
+    let legacy = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/testing/legacy-v010.wasm");
+    if legacy.exists() {
+        let chain = PolicyChain::load(
+            &[PolicyConfig {
+                plugin: legacy,
+                config_json: r#"{"idle_timeout_seconds":1800,"absolute_lifetime_seconds":86400}"#
+                    .into(),
+                on_error: OnError::Deny,
+                timeout: Duration::from_millis(20),
+                memory_bytes: 16 << 20,
+            }],
+            100,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        c.bench_function("policy/access_hook_one_plugin_v010", |b| {
+            b.to_async(&rt)
+                .iter(|| chain.on_access(&s, &request, now_ms()))
+        });
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let store = rt.block_on(async {
@@ -216,6 +239,130 @@ fn policies(c: &mut Criterion) {
                 .iter(|| chain.on_access(&s, &request, now_ms()))
         });
         group.finish();
+    }
+}
+
+/// What the engine's settings cost one access call, measured on wasmtime
+/// directly (one reused instance; no pool, chain or tokio): fuel metering
+/// on or off, a sync `call` or `call_async` (on a fiber), and the
+/// gateway's combination (fuel, async, a fuel yield interval). The plugin
+/// is the bundled 0.2.0 `activity-refresh`.
+fn call_overhead(c: &mut Criterion) {
+    use futures_util::FutureExt;
+    use sessiongate::policy::bindings::v2::sessiongate::policy::{call, host, types};
+    use wasmtime::component::{Component, HasSelf, Linker};
+
+    struct Host;
+    impl types::Host for Host {}
+    impl host::Host for Host {
+        fn log(&mut self, _: types::LogLevel, _: String) -> wasmtime::Result<()> {
+            Ok(())
+        }
+    }
+    impl call::Host for Host {
+        fn request_method(&mut self) -> wasmtime::Result<String> {
+            Ok(String::new())
+        }
+        fn request_path(&mut self) -> wasmtime::Result<String> {
+            Ok(String::new())
+        }
+        fn request_host(&mut self) -> wasmtime::Result<String> {
+            Ok(String::new())
+        }
+        fn client_addr(&mut self) -> wasmtime::Result<String> {
+            Ok(String::new())
+        }
+        fn user_agent(&mut self) -> wasmtime::Result<String> {
+            Ok(String::new())
+        }
+        fn session_id(&mut self) -> wasmtime::Result<String> {
+            Ok(String::new())
+        }
+        fn user_id(&mut self) -> wasmtime::Result<String> {
+            Ok(String::new())
+        }
+        fn session_attribute(&mut self, _: String) -> wasmtime::Result<Option<String>> {
+            Ok(None)
+        }
+        fn session_attributes(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+            Ok(Vec::new())
+        }
+    }
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/activity-refresh.wasm");
+    let Ok(module) = std::fs::read(&path) else {
+        eprintln!("{} missing: run scripts/build-plugins.sh", path.display());
+        return;
+    };
+    let bytes = wit_component::ComponentEncoder::default()
+        .module(&module)
+        .unwrap()
+        .validate(true)
+        .encode()
+        .unwrap();
+    let config_json = r#"{"idle_timeout_seconds":1800,"absolute_lifetime_seconds":86400}"#;
+    let now = now_ms();
+    let args = (now - 60_000, now - 1_000, now + 1_700_000, now);
+    for (name, fuel, sync, yield_interval) in [
+        ("sync_no_fuel", false, true, false),
+        ("sync_fuel", true, true, false),
+        ("async_no_fuel", false, false, false),
+        ("async_fuel", true, false, false),
+        ("async_fuel_yield_interval", true, false, true),
+    ] {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        config.consume_fuel(fuel);
+        config.concurrency_support(false);
+        let engine = wasmtime::Engine::new(&config).unwrap();
+        let component = Component::new(&engine, &bytes).unwrap();
+        let mut linker: Linker<Host> = Linker::new(&engine);
+        sessiongate::policy::bindings::v2::Policy::add_to_linker::<_, HasSelf<_>>(
+            &mut linker,
+            |h| h,
+        )
+        .unwrap();
+        let mut store = wasmtime::Store::new(&engine, Host);
+        store.set_epoch_deadline(1 << 40);
+        if fuel {
+            store.set_fuel(1 << 40).unwrap();
+        }
+        if yield_interval {
+            store.fuel_async_yield_interval(Some(100_000)).unwrap();
+        }
+        let instance = linker
+            .instantiate_async(&mut store, &component)
+            .now_or_never()
+            .unwrap()
+            .unwrap();
+        let init = instance
+            .get_typed_func::<(&str,), (Result<types::Hooks, String>,)>(&mut store, "init")
+            .unwrap();
+        init.call_async(&mut store, (config_json,))
+            .now_or_never()
+            .unwrap()
+            .unwrap()
+            .0
+            .unwrap();
+        let on_access = instance
+            .get_typed_func::<(i64, i64, i64, i64), (types::Access,)>(&mut store, "on-access")
+            .unwrap();
+        let id = format!("policy/raw_access_call_{name}");
+        if sync {
+            c.bench_function(&id, |b| {
+                b.iter(|| on_access.call(&mut store, args).unwrap())
+            });
+        } else {
+            c.bench_function(&id, |b| {
+                b.iter(|| {
+                    on_access
+                        .call_async(&mut store, args)
+                        .now_or_never()
+                        .unwrap()
+                        .unwrap()
+                })
+            });
+        }
     }
 }
 
@@ -407,5 +554,13 @@ fn paths(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, tokens, lookups, policies, gateway, paths);
+criterion_group!(
+    benches,
+    tokens,
+    lookups,
+    policies,
+    call_overhead,
+    gateway,
+    paths
+);
 criterion_main!(benches);

@@ -5,7 +5,8 @@
 #   plugins/ttl.wasm, plugins/activity-refresh.wasm, plugins/max-sessions.wasm
 #   plugins/testing/<name>.wasm for the test plugins
 # Each is a core module carrying the WIT world in a component-type custom
-# section; the gateway makes it a component when it loads it.
+# section (interface 0.2.0 through the SDK; legacy-v010 is 0.1.0); the
+# gateway makes it a component when it loads it.
 # Idempotent and quiet when everything is up to date. Extra arguments go to
 # cargo build (e.g. -v).
 set -euo pipefail
@@ -15,7 +16,8 @@ plugins="$root/plugins"
 target=wasm32-unknown-unknown
 
 bundled=(ttl activity-refresh max-sessions)
-testing=(loop-forever memory-hog deep-recursion panic bad-decision deny tag init-fails crash-every log-flood)
+testing=(loop-forever memory-hog deep-recursion panic bad-decision deny tag init-fails crash-every log-flood
+    legacy-v010 echo import-flood)
 
 # Without rustup (a distribution's toolchain), the target must already be
 # there; cargo says so clearly if it is not.

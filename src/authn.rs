@@ -213,7 +213,10 @@ impl Authenticator {
                 return Err(ProxyError::PolicyFailed);
             };
             let extend = if chain.wants_access() {
-                match chain.on_access(s, &context.info(), session::now_ms()).await {
+                match chain
+                    .on_access(s, &Arc::new(context.info()), session::now_ms())
+                    .await
+                {
                     AccessOutcome::Allow => None,
                     AccessOutcome::Extend(at) => Some(at),
                     AccessOutcome::Refuse(refusal) => return Err(refusal.into()),

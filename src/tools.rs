@@ -124,6 +124,7 @@ pub fn try_plugin(
         "plugin": info.plugin,
         "sha256": info.sha256,
         "hooks": info.hooks,
+        "interface": info.interface,
         "now": now,
         "session": sample.view(),
         "request": {
@@ -145,11 +146,13 @@ pub fn try_plugin(
         };
     }
     if info.hooks.contains(&"access") {
-        report["access"] = match block_on(chain.on_access(&sample, &req, now)) {
-            AccessOutcome::Allow => json!("allow"),
-            AccessOutcome::Extend(at) => json!({"extend": crate::session::rfc3339(at)}),
-            AccessOutcome::Refuse(r) => refusal(r),
-        };
+        report["access"] =
+            match block_on(chain.on_access(&Arc::new(sample.clone()), &Arc::new(req.clone()), now))
+            {
+                AccessOutcome::Allow => json!("allow"),
+                AccessOutcome::Extend(at) => json!({"extend": crate::session::rfc3339(at)}),
+                AccessOutcome::Refuse(r) => refusal(r),
+            };
     }
     if info.hooks.contains(&"evict") {
         // The user's other sessions: three, seen 3, 2 and 1 hours ago.

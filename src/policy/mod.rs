@@ -12,7 +12,11 @@
 //!   swaps every chain at once while requests already running finish on
 //!   the old ones.
 //!
-//! The interface is `plugins/wit/policy.wit`.
+//! The interface is `plugins/wit/<version>/policy.wit`: a plugin exports
+//! either `sessiongate:policy@0.1.0` (every hook gets its data as
+//! arguments) or `sessiongate:policy@0.2.0` (the access hook gets the
+//! session's times as numbers and asks the host for any string it needs);
+//! [`plugin`] finds out which at load and serves both.
 
 pub mod chains;
 pub mod engine;
@@ -34,18 +38,35 @@ use crate::session::{self, Session};
 use chains::{ChainConfigs, ChainSet, ChainsInfo, DEFAULT_CHAIN};
 use plugin::{Limits, LoadError, Plugin, PluginFailure};
 
-/// The host side of `plugins/wit/policy.wit`.
+/// The host side of `plugins/wit/<version>/policy.wit`, one module per
+/// interface version.
 pub mod bindings {
-    wasmtime::component::bindgen!({
-        path: "plugins/wit",
-        world: "policy",
-        // Exports are called with `call_async`, so that a long call yields
-        // to the scheduler (see `plugin`); the `log` import stays sync.
-        exports: { default: async },
-    });
+    /// `sessiongate:policy@0.1.0`.
+    pub mod v1 {
+        wasmtime::component::bindgen!({
+            path: "plugins/wit/0.1.0",
+            world: "policy",
+            // Exports are called with `call_async`, so that a long call
+            // yields to the scheduler (see `plugin`); the `log` import
+            // stays sync.
+            exports: { default: async },
+        });
+    }
+
+    /// `sessiongate:policy@0.2.0`.
+    pub mod v2 {
+        wasmtime::component::bindgen!({
+            path: "plugins/wit/0.2.0",
+            world: "policy",
+            exports: { default: async },
+            // An import can trap: one that would overrun the call's
+            // budget for host work ends the call as a time-out.
+            imports: { default: trappable },
+        });
+    }
 }
 
-use bindings::sessiongate::policy::types as wit;
+use bindings::v1::sessiongate::policy::types as wit;
 
 /// The furthest in the future a policy may set an expiry.
 pub const MAX_LIFETIME_MS: i64 = 400 * 24 * 3600 * 1000;
@@ -94,9 +115,11 @@ pub struct PluginInfo {
     pub loaded_at: String,
     pub on_error: &'static str,
     pub hooks: Vec<&'static str>,
+    /// The `sessiongate:policy` interface version it exports.
+    pub interface: &'static str,
 }
 
-fn to_wit(s: &Session) -> wit::Session {
+pub(crate) fn to_wit(s: &Session) -> wit::Session {
     wit::Session {
         id: s.id.to_string(),
         user_id: s.user_id.clone(),
@@ -230,6 +253,7 @@ impl PolicyChain {
                         OnError::Allow => "allow",
                     },
                     hooks,
+                    interface: l.plugin.interface.version(),
                 }
             })
             .collect()
@@ -319,21 +343,28 @@ impl PolicyChain {
     }
 
     /// Runs the access hooks in order; the first denial wins, and each
-    /// plugin sees the expiry the ones before it set.
+    /// plugin sees the expiry the ones before it set. A 0.2.0 plugin
+    /// reads the session and the request through the host for the length
+    /// of its call, hence the shared references.
     pub async fn on_access(
         &self,
-        session: &Session,
-        request: &RequestInfo,
+        session: &Arc<Session>,
+        request: &Arc<RequestInfo>,
         now: i64,
     ) -> AccessOutcome {
         let mut expires_at = session.expires_at;
         let mut extended = false;
-        let mut input: Option<wit::Session> = None;
+        // Built for 0.1.0 plugins only, and once for all of them.
+        let mut view: Option<wit::Session> = None;
         for l in self.plugins.iter().filter(|l| l.plugin.hooks.on_access) {
-            let view = input.get_or_insert_with(|| to_wit(session));
-            view.expires_at = expires_at;
+            let call = plugin::AccessCall {
+                session,
+                request,
+                expires_at,
+                now,
+            };
             let result =
-                l.plugin.call_on_access(view, request, now).await.and_then(
+                l.plugin.call_on_access(call, &mut view).await.and_then(
                     |decision| match decision {
                         wit::Access::Allow => Ok(None),
                         wit::Access::Extend(at) => check_expiry(at, now).map(|at| Some(Ok(at))),

@@ -15,6 +15,18 @@
 //! its whole time limit shares its worker thread with other requests
 //! instead of stalling them. A call whose future is dropped (its client
 //! went away) drops its instance with it.
+//!
+//! Two interface versions are served (`plugins/wit/<version>/policy.wit`):
+//! the component's exports say which ([`Interface`]). A 0.2.0 access call
+//! gets the session's times as arguments and reads the strings it wants
+//! through the `call` imports, answered from [`HostState::call`], which
+//! holds the current call's session and request for the length of that
+//! call only. The host's work for a plugin's imports is charged to a
+//! budget of its own, the same size as the call's fuel
+//! ([`IMPORT_CALL_COST`] per call plus one unit per byte moved): fuel
+//! counts guest instructions only, and a guest looping over an import with
+//! a large argument would otherwise spend most of its time in the host,
+//! unmetered.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -25,10 +37,12 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{ResourceLimiter, Store, Trap};
 
-use super::bindings::sessiongate::policy::{host, types};
-use super::bindings::{Policy, PolicyPre};
+use super::RequestInfo;
+use super::bindings::v1::sessiongate::policy::{host, types};
+use super::bindings::{v1, v2};
 use super::engine::{FUEL_PER_MS, TICK, YIELD_FUEL, engine};
 use super::lograte::{Admit, LogRate};
+use crate::session::{MAX_ATTRIBUTES_BYTES, Session};
 use crate::worker::Padded;
 
 /// How a plugin's call failed.
@@ -110,6 +124,64 @@ pub struct HostState {
     memory_limit: usize,
     memory_refused: bool,
     log_rate: Arc<LogRate>,
+    /// The access call in progress (0.2.0 plugins), what the `call`
+    /// imports answer from; `None` between calls and in other hooks.
+    call: Option<CallData>,
+    /// What is left of this call's budget for host work in imports.
+    import_budget: u64,
+    /// The budget ran out: the trap that follows is a time-out.
+    import_budget_spent: bool,
+}
+
+/// The session and request of the access call in progress.
+struct CallData {
+    session: Arc<Session>,
+    request: Arc<RequestInfo>,
+}
+
+/// What one 0.2.0 access call is about.
+pub(crate) struct AccessCall<'a> {
+    pub(crate) session: &'a Arc<Session>,
+    pub(crate) request: &'a Arc<RequestInfo>,
+    /// The expiry as the plugins before this one left it.
+    pub(crate) expires_at: i64,
+    pub(crate) now: i64,
+}
+
+/// Budget units one import call costs besides its bytes: about what the
+/// host spends on a call, at the fuel's rate of about one unit per
+/// nanosecond.
+pub(crate) const IMPORT_CALL_COST: u64 = 200;
+
+impl HostState {
+    /// Charges one import call moving `bytes` to the budget; past the
+    /// budget the call traps (and is reported as a time-out).
+    fn charge(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        self.spend(IMPORT_CALL_COST.saturating_add(bytes as u64))
+    }
+
+    fn spend(&mut self, cost: u64) -> wasmtime::Result<()> {
+        match self.import_budget.checked_sub(cost) {
+            Some(left) => {
+                self.import_budget = left;
+                Ok(())
+            }
+            None => {
+                self.import_budget = 0;
+                self.import_budget_spent = true;
+                Err(wasmtime::format_err!(
+                    "the plugin's calls to the host exceeded its time limit"
+                ))
+            }
+        }
+    }
+
+    /// A string of the current access call (empty outside one), charged.
+    fn text(&mut self, f: impl FnOnce(&CallData) -> String) -> wasmtime::Result<String> {
+        let text = self.call.as_ref().map(f).unwrap_or_default();
+        self.charge(text.len())?;
+        Ok(text)
+    }
 }
 
 impl ResourceLimiter for HostState {
@@ -141,6 +213,12 @@ const MAX_LOG_LINE: usize = 1024;
 
 impl host::Host for HostState {
     fn log(&mut self, level: types::LogLevel, message: String) {
+        self.write_log(level, message);
+    }
+}
+
+impl HostState {
+    fn write_log(&mut self, level: types::LogLevel, message: String) {
         // A line the log filter would discard costs no credit.
         let enabled = match level {
             types::LogLevel::Debug => {
@@ -196,9 +274,120 @@ impl host::Host for HostState {
 
 impl types::Host for HostState {}
 
+mod v2_host {
+    use super::super::bindings::v2::sessiongate::policy::{call, host, types};
+    use super::{HostState, MAX_ATTRIBUTES_BYTES};
+
+    impl types::Host for HostState {}
+
+    impl host::Host for HostState {
+        fn log(&mut self, level: types::LogLevel, message: String) -> wasmtime::Result<()> {
+            self.charge(message.len())?;
+            use super::types::LogLevel as V1;
+            let level = match level {
+                types::LogLevel::Debug => V1::Debug,
+                types::LogLevel::Info => V1::Info,
+                types::LogLevel::Warn => V1::Warn,
+                types::LogLevel::Error => V1::Error,
+            };
+            self.write_log(level, message);
+            Ok(())
+        }
+    }
+
+    impl call::Host for HostState {
+        fn request_method(&mut self) -> wasmtime::Result<String> {
+            self.text(|c| c.request.method.clone())
+        }
+
+        fn request_path(&mut self) -> wasmtime::Result<String> {
+            self.text(|c| c.request.path.clone())
+        }
+
+        fn request_host(&mut self) -> wasmtime::Result<String> {
+            self.text(|c| c.request.host.clone())
+        }
+
+        fn client_addr(&mut self) -> wasmtime::Result<String> {
+            self.text(|c| c.request.client_addr.clone())
+        }
+
+        fn user_agent(&mut self) -> wasmtime::Result<String> {
+            self.text(|c| c.request.user_agent.clone())
+        }
+
+        fn session_id(&mut self) -> wasmtime::Result<String> {
+            self.text(|c| c.session.id.to_string())
+        }
+
+        fn user_id(&mut self) -> wasmtime::Result<String> {
+            self.text(|c| c.session.user_id.clone())
+        }
+
+        fn session_attribute(&mut self, name: String) -> wasmtime::Result<Option<String>> {
+            self.charge(name.len())?;
+            // No session holds a longer name: no need to look.
+            if name.len() > MAX_ATTRIBUTES_BYTES {
+                return Ok(None);
+            }
+            let value = self
+                .call
+                .as_ref()
+                .and_then(|c| c.session.attributes.get(&name).cloned());
+            self.spend(value.as_ref().map_or(0, String::len) as u64)?;
+            Ok(value)
+        }
+
+        fn session_attributes(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+            let attributes: Vec<(String, String)> = self
+                .call
+                .as_ref()
+                .map(|c| {
+                    c.session
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let bytes = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+            self.charge(bytes)?;
+            Ok(attributes)
+        }
+    }
+}
+
+/// Which `sessiongate:policy` interface a plugin exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interface {
+    /// 0.1.0: every hook gets all its data as arguments.
+    V1,
+    /// 0.2.0: the access hook gets numbers and reads strings on demand.
+    V2,
+}
+
+impl Interface {
+    pub fn version(self) -> &'static str {
+        match self {
+            Interface::V1 => "0.1.0",
+            Interface::V2 => "0.2.0",
+        }
+    }
+}
+
+enum Pre {
+    V1(v1::PolicyPre<HostState>),
+    V2(v2::PolicyPre<HostState>),
+}
+
+enum Bindings {
+    V1(v1::Policy),
+    V2(v2::Policy),
+}
+
 struct Slot {
     store: Store<HostState>,
-    bindings: Policy,
+    bindings: Bindings,
 }
 
 /// Idle instances kept per plugin and worker. A worker's calls overlap
@@ -232,10 +421,12 @@ pub struct Plugin {
     pub path: String,
     pub sha256: String,
     pub hooks: types::Hooks,
+    /// The interface version the component exports.
+    pub interface: Interface,
     config_json: String,
     limits: Limits,
     log_rate: Arc<LogRate>,
-    pre: PolicyPre<HostState>,
+    pre: Pre,
     /// Ready instances, per worker ([`POOL_SHARDS`]).
     idle: Box<[Padded<Mutex<Vec<Slot>>>]>,
 }
@@ -301,13 +492,30 @@ impl Plugin {
         let engine = engine();
         let component = Component::new(engine, &component_bytes)
             .map_err(|e| compile_error(format!("{e:#}")))?;
+        // Both versions' imports: their names differ by version, and a
+        // component finds the ones it was built against.
         let mut linker: Linker<HostState> = Linker::new(engine);
-        Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+        v1::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| compile_error(format!("{e:#}")))?;
+        v2::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| compile_error(format!("{e:#}")))?;
         let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| compile_error(format!("{e:#}")))?;
-        let pre = PolicyPre::new(instance_pre).map_err(|e| compile_error(format!("{e:#}")))?;
+        // The exports decide the version: each `PolicyPre` checks that
+        // every export of its world is there with its exact type.
+        let (pre, interface) = match v2::PolicyPre::new(instance_pre.clone()) {
+            Ok(pre) => (Pre::V2(pre), Interface::V2),
+            Err(v2_error) => match v1::PolicyPre::new(instance_pre) {
+                Ok(pre) => (Pre::V1(pre), Interface::V1),
+                Err(v1_error) => {
+                    return Err(compile_error(format!(
+                        "it exports neither sessiongate:policy@0.2.0 ({v2_error:#}) \
+                         nor sessiongate:policy@0.1.0 ({v1_error:#})"
+                    )));
+                }
+            },
+        };
         let name: Arc<str> = std::path::Path::new(path)
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
@@ -351,6 +559,7 @@ impl Plugin {
                 on_access: false,
                 on_evict: false,
             },
+            interface,
             config_json: config_json.to_string(),
             limits,
             log_rate,
@@ -399,6 +608,9 @@ impl Plugin {
                 memory_limit: self.limits.memory_bytes,
                 memory_refused: false,
                 log_rate: self.log_rate.clone(),
+                call: None,
+                import_budget: 0,
+                import_budget_spent: false,
             },
         );
         store.limiter(|state| state);
@@ -406,13 +618,29 @@ impl Plugin {
         // Fails only without fuel, and the engine has it.
         let _ = store.fuel_async_yield_interval(Some(YIELD_FUEL));
         self.arm(&mut store);
-        let bindings = self
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| InitFailure::Failed(classify(&store, e)))?;
-        self.arm(&mut store);
-        let hooks = match bindings.call_init(&mut store, &self.config_json).await {
+        let init = match &self.pre {
+            Pre::V1(pre) => match pre.instantiate_async(&mut store).await {
+                Ok(bindings) => {
+                    self.arm(&mut store);
+                    let init = bindings.call_init(&mut store, &self.config_json).await;
+                    Ok((Bindings::V1(bindings), init))
+                }
+                Err(e) => Err(e),
+            },
+            Pre::V2(pre) => match pre.instantiate_async(&mut store).await {
+                Ok(bindings) => {
+                    self.arm(&mut store);
+                    let init = bindings
+                        .call_init(&mut store, &self.config_json)
+                        .await
+                        .map(|r| r.map(convert::hooks));
+                    Ok((Bindings::V2(bindings), init))
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let (bindings, init) = init.map_err(|e| InitFailure::Failed(classify(&store, e)))?;
+        let hooks = match init {
             Ok(Ok(hooks)) => hooks,
             Ok(Err(reason)) => return Err(InitFailure::Rejected(reason)),
             Err(e) => return Err(InitFailure::Failed(classify(&store, e))),
@@ -428,7 +656,10 @@ impl Plugin {
         let _ = store.set_fuel(ms.saturating_mul(FUEL_PER_MS));
         let backstop = self.limits.timeout * 10 + std::time::Duration::from_millis(100);
         store.set_epoch_deadline((backstop.as_micros() / TICK.as_micros()).max(1) as u64);
-        store.data_mut().memory_refused = false;
+        let state = store.data_mut();
+        state.memory_refused = false;
+        state.import_budget = ms.saturating_mul(FUEL_PER_MS);
+        state.import_budget_spent = false;
     }
 
     /// A pooled instance, armed for one call, or a fresh one.
@@ -475,24 +706,64 @@ impl Plugin {
         now: i64,
     ) -> Result<Result<types::Creation, types::Denial>, PluginFailure> {
         let mut slot = self.checkout().await?;
-        let result = slot
-            .bindings
-            .call_on_create(&mut slot.store, session, request, now)
-            .await;
+        let result = match &slot.bindings {
+            Bindings::V1(b) => {
+                b.call_on_create(&mut slot.store, session, request, now)
+                    .await
+            }
+            Bindings::V2(b) => {
+                let request = request.map(convert::request);
+                b.call_on_create(
+                    &mut slot.store,
+                    &convert::session(session),
+                    request.as_ref(),
+                    now,
+                )
+                .await
+                .map(|r| r.map(convert::creation).map_err(convert::denial))
+            }
+        };
         self.checkin(slot, result)
     }
 
-    pub async fn call_on_access(
+    /// Calls the access hook: a 0.1.0 plugin gets `view` (the session as
+    /// a WIT record, built on first use and kept for the next plugins),
+    /// a 0.2.0 plugin the times, and the rest on demand.
+    pub(crate) async fn call_on_access(
         &self,
-        session: &types::Session,
-        request: &types::RequestInfo,
-        now: i64,
+        call: AccessCall<'_>,
+        view: &mut Option<types::Session>,
     ) -> Result<types::Access, PluginFailure> {
         let mut slot = self.checkout().await?;
-        let result = slot
-            .bindings
-            .call_on_access(&mut slot.store, session, request, now)
-            .await;
+        let result = match &slot.bindings {
+            Bindings::V1(b) => {
+                let view = view.get_or_insert_with(|| super::to_wit(call.session));
+                view.expires_at = call.expires_at;
+                b.call_on_access(&mut slot.store, view, call.request, call.now)
+                    .await
+            }
+            Bindings::V2(b) => {
+                slot.store.data_mut().call = Some(CallData {
+                    session: call.session.clone(),
+                    request: call.request.clone(),
+                });
+                let s = &**call.session;
+                let result = b
+                    .call_on_access(
+                        &mut slot.store,
+                        s.created_at,
+                        s.last_seen_at,
+                        call.expires_at,
+                        call.now,
+                    )
+                    .await
+                    .map(convert::access);
+                // The instance goes back to the pool (or is dropped, on a
+                // trap): it must not keep this call's data.
+                slot.store.data_mut().call = None;
+                result
+            }
+        };
         self.checkin(slot, result)
     }
 
@@ -503,11 +774,74 @@ impl Plugin {
         now: i64,
     ) -> Result<Vec<String>, PluginFailure> {
         let mut slot = self.checkout().await?;
-        let result = slot
-            .bindings
-            .call_on_evict(&mut slot.store, created, others, now)
-            .await;
+        let result = match &slot.bindings {
+            Bindings::V1(b) => b.call_on_evict(&mut slot.store, created, others, now).await,
+            Bindings::V2(b) => {
+                let others: Vec<_> = others.iter().map(convert::session).collect();
+                b.call_on_evict(&mut slot.store, &convert::session(created), &others, now)
+                    .await
+            }
+        };
         self.checkin(slot, result)
+    }
+}
+
+/// Between the 0.1.0 records the chain works with and their 0.2.0 twins
+/// (the same WIT types, generated twice). Only the rarer hooks (create,
+/// evict, init) convert; the access call's arguments are numbers.
+mod convert {
+    use super::super::bindings::v2::sessiongate::policy::types as v2;
+    use super::types as v1;
+
+    pub(super) fn session(s: &v1::Session) -> v2::Session {
+        v2::Session {
+            id: s.id.clone(),
+            user_id: s.user_id.clone(),
+            created_at: s.created_at,
+            last_seen_at: s.last_seen_at,
+            expires_at: s.expires_at,
+            attributes: s.attributes.clone(),
+        }
+    }
+
+    pub(super) fn request(r: &v1::RequestInfo) -> v2::RequestInfo {
+        v2::RequestInfo {
+            method: r.method.clone(),
+            path: r.path.clone(),
+            host: r.host.clone(),
+            client_addr: r.client_addr.clone(),
+            user_agent: r.user_agent.clone(),
+        }
+    }
+
+    pub(super) fn hooks(h: v2::Hooks) -> v1::Hooks {
+        v1::Hooks {
+            on_create: h.on_create,
+            on_access: h.on_access,
+            on_evict: h.on_evict,
+        }
+    }
+
+    pub(super) fn denial(d: v2::Denial) -> v1::Denial {
+        v1::Denial {
+            status: d.status,
+            reason: d.reason,
+        }
+    }
+
+    pub(super) fn creation(c: v2::Creation) -> v1::Creation {
+        v1::Creation {
+            expires_at: c.expires_at,
+            attributes: c.attributes,
+        }
+    }
+
+    pub(super) fn access(a: v2::Access) -> v1::Access {
+        match a {
+            v2::Access::Allow => v1::Access::Allow,
+            v2::Access::Extend(at) => v1::Access::Extend(at),
+            v2::Access::Deny(d) => v1::Access::Deny(denial(d)),
+        }
     }
 }
 
@@ -534,10 +868,99 @@ fn classify(store: &Store<HostState>, e: wasmtime::Error) -> PluginFailure {
     if store.data().memory_refused {
         return PluginFailure::OutOfMemory;
     }
+    if store.data().import_budget_spent {
+        return PluginFailure::Timeout;
+    }
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt | Trap::OutOfFuel) => PluginFailure::Timeout,
         Some(Trap::StackOverflow) => PluginFailure::StackOverflow,
         Some(trap) => PluginFailure::Trap(trap.to_string()),
         None => PluginFailure::Trap(format!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::bindings::v2::sessiongate::policy::call::Host as _;
+    use super::*;
+
+    fn state(budget: u64) -> HostState {
+        let metrics = crate::metrics::Metrics::new();
+        let dropped =
+            metrics
+                .plugin_log_dropped
+                .get_or_create_owned(&crate::metrics::PluginLabels {
+                    plugin: "t",
+                    chain: "default",
+                });
+        HostState {
+            name: "t".into(),
+            chain: "default",
+            memory_limit: 1 << 20,
+            memory_refused: false,
+            log_rate: Arc::new(LogRate::new(1, dropped, Instant::now())),
+            call: None,
+            import_budget: budget,
+            import_budget_spent: false,
+        }
+    }
+
+    #[test]
+    fn imports_outside_an_access_call_answer_nothing_and_still_cost() {
+        let mut s = state(10_000);
+        assert_eq!(s.request_path().unwrap(), "");
+        assert_eq!(s.session_id().unwrap(), "");
+        assert_eq!(s.session_attribute("role".into()).unwrap(), None);
+        assert!(s.session_attributes().unwrap().is_empty());
+        assert_eq!(s.import_budget, 10_000 - 4 * IMPORT_CALL_COST - 4);
+    }
+
+    #[test]
+    fn imports_answer_from_the_call_and_charge_its_bytes() {
+        let mut s = state(1_000_000);
+        let mut session = Session::new(
+            "alice".into(),
+            [("role".to_string(), "admin".to_string())].into(),
+            Duration::from_secs(60),
+        );
+        session.user_id = "alice".into();
+        s.call = Some(CallData {
+            session: Arc::new(session.clone()),
+            request: Arc::new(RequestInfo {
+                method: "GET".into(),
+                path: "/p".into(),
+                host: "h".into(),
+                client_addr: "c".into(),
+                user_agent: "ua".into(),
+            }),
+        });
+        assert_eq!(s.request_path().unwrap(), "/p");
+        assert_eq!(s.user_id().unwrap(), "alice");
+        assert_eq!(s.session_id().unwrap(), session.id.to_string());
+        assert_eq!(
+            s.session_attribute("role".into()).unwrap().as_deref(),
+            Some("admin")
+        );
+        let before = s.import_budget;
+        let huge = "n".repeat(MAX_ATTRIBUTES_BYTES + 1);
+        assert_eq!(s.session_attribute(huge.clone()).unwrap(), None);
+        assert_eq!(
+            before - s.import_budget,
+            IMPORT_CALL_COST + huge.len() as u64,
+            "a name no session can hold is refused, but its bytes are paid"
+        );
+    }
+
+    #[test]
+    fn past_the_budget_an_import_traps_as_a_time_out() {
+        let mut s = state(3 * IMPORT_CALL_COST + 10);
+        for _ in 0..3 {
+            s.user_agent().unwrap();
+        }
+        assert!(!s.import_budget_spent);
+        assert!(s.user_agent().is_err());
+        assert!(s.import_budget_spent);
+        // And stays spent for the rest of the call.
+        assert!(s.request_method().is_err());
     }
 }

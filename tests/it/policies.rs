@@ -341,6 +341,123 @@ async fn a_panic_traps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v020_plugin_looping_over_the_host_imports_is_cut_off_by_the_time_limit() {
+    contained("import-flood", "{}", "timeout").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v020_plugin_asking_for_a_huge_attribute_name_is_cut_off_by_the_time_limit() {
+    // 2 MiB per call: the host reads it whole before it can refuse it, so
+    // that reading is what the time limit must count.
+    contained("import-flood", "{ name_bytes = 2097152 }", "timeout").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v010_plugin_in_an_infinite_loop_is_cut_off_by_the_time_limit() {
+    contained("legacy-v010", r#"{ mode = "loop" }"#, "timeout").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v010_plugin_panic_traps() {
+    contained("legacy-v010", r#"{ mode = "panic" }"#, "trap").await;
+}
+
+/// The session id the admin API shows for `user`'s only session.
+async fn only_session_id(gw: &GatewayUnderTest, user: &str) -> String {
+    let sessions = session_of(gw, user).await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    sessions[0]["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_interface_versions_see_the_same_request_and_session() {
+    let upstream = TestUpstream::start().await;
+    for (plugin, config, interface) in [
+        ("legacy-v010", r#"{ mode = "echo" }"#, "0.1.0"),
+        ("echo", "{}", "0.2.0"),
+    ] {
+        let gw = gateway(&upstream, &[policy(&testing(plugin), config, "")], "").await;
+        let resp = gw
+            .login_response("alice", Some(r#"{"echo":"e1"}"#), None)
+            .await;
+        assert_eq!(resp.status(), 200);
+        let token = harness::set_cookie(resp.headers(), harness::COOKIE)
+            .unwrap()
+            .value;
+        let id = only_session_id(&gw, "alice").await;
+        let resp = gw
+            .client
+            .get(gw.url("/api/some/path?q=1"))
+            .header("cookie", harness::cookie(&token))
+            .header("user-agent", "probe/1")
+            .send()
+            .await
+            .unwrap();
+        let err = harness::expect_error(resp, 403).await;
+        assert_eq!(
+            err["message"],
+            format!(
+                "GET /api/some/path {} 127.0.0.1 probe/1 {id} alice e1",
+                gw.addr
+            ),
+            "{plugin}"
+        );
+        let list = policies_list(&gw.client, &gw.admin_url("")).await;
+        assert_eq!(list["policies"][0]["interface"], interface, "{list}");
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v020_imports_answer_from_the_current_access_call_only() {
+    let upstream = TestUpstream::start().await;
+    let gw = gateway(&upstream, &[policy(&testing("echo"), "{}", "")], "").await;
+    let mut users = Vec::new();
+    for (user, attr) in [("alice", "a"), ("bob", "b")] {
+        let attrs = format!(r#"{{"echo":"{attr}"}}"#);
+        let resp = gw.login_response(user, Some(&attrs), None).await;
+        assert_eq!(resp.status(), 200);
+        let token = harness::set_cookie(resp.headers(), harness::COOKIE)
+            .unwrap()
+            .value;
+        let sessions = session_of(&gw, user).await;
+        // In on_create (outside an access call) every import said nothing.
+        assert_eq!(
+            sessions[0]["attributes"]["outside"], "||||||||0",
+            "{sessions:?}"
+        );
+        users.push((user, attr, token, only_session_id(&gw, user).await));
+    }
+    // Interleaved and concurrent, on pooled instances that served the
+    // other user's calls just before.
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let (user, attr, token, id) = users[i % 2].clone();
+        let client = gw.client.clone();
+        let url = gw.url(&format!("/api/{user}/{i}"));
+        let host = gw.addr.to_string();
+        calls.push(tokio::spawn(async move {
+            let resp = client
+                .get(url)
+                .header("cookie", harness::cookie(&token))
+                .header("user-agent", format!("ua-{i}"))
+                .send()
+                .await
+                .unwrap();
+            let err = harness::expect_error(resp, 403).await;
+            assert_eq!(
+                err["message"],
+                format!("GET /api/{user}/{i} {host} 127.0.0.1 ua-{i} {id} {user} {attr}")
+            );
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_outside_the_allowed_values_is_a_failure() {
     // bad-decision sets an expiry of 0 at creation and denies with status
     // 200 at access: both refused by the host.

@@ -224,12 +224,7 @@ mod tests {
     fn on_access_uses_the_session_times() {
         let p = standard();
         let now = T0 + 16 * 60 * S;
-        let session = Session {
-            created_at: T0,
-            last_seen_at: now - S,
-            expires_at: T0 + 1800 * S,
-            ..Session::default()
-        };
+        let session = Session::default().with_times(T0, now - S, T0 + 1800 * S);
         assert_eq!(
             p.on_access(&session, &RequestInfo::default(), now),
             Access::Extend(now + 1800 * S)

@@ -31,18 +31,18 @@ impl MaxSessions {
     /// session `created` number at most `max`.
     pub fn to_revoke(&self, created: &Session, live: &[Session]) -> Vec<String> {
         // `live` should not hold the new session; never count or revoke it.
-        let mut others: Vec<&Session> = live.iter().filter(|s| s.id != created.id).collect();
+        let mut others: Vec<&Session> = live.iter().filter(|s| s.id() != created.id()).collect();
         let excess = (others.len() + 1).saturating_sub(self.max);
         if excess == 0 {
             return Vec::new();
         }
         others.sort_by(|a, b| {
-            (a.last_seen_at, a.created_at, &a.id).cmp(&(b.last_seen_at, b.created_at, &b.id))
+            (a.last_seen_at, a.created_at, a.id()).cmp(&(b.last_seen_at, b.created_at, b.id()))
         });
         others
             .into_iter()
             .take(excess)
-            .map(|s| s.id.clone())
+            .map(|s| s.id().to_string())
             .collect()
     }
 }
@@ -73,14 +73,10 @@ mod tests {
     }
 
     fn s(id: &str, created_at: i64, last_seen_at: i64) -> Session {
-        Session {
-            id: id.into(),
-            user_id: "alice".into(),
-            created_at,
-            last_seen_at,
-            expires_at: created_at + 1_000_000,
-            ..Session::default()
-        }
+        Session::default()
+            .with_id(id)
+            .with_user_id("alice")
+            .with_times(created_at, last_seen_at, created_at + 1_000_000)
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! from its `config` table in `gateway.toml` ([`Policy::init`]), says which
 //! hooks it implements ([`Policy::hooks`]) and implements those. The
 //! [`export_policy!`] macro wires it to the plugin interface
-//! (`plugins/wit/policy.wit`, world `policy`).
+//! (`plugins/wit/0.2.0/policy.wit`, world `policy` of
+//! `sessiongate:policy@0.2.0`).
 //!
 //! ```no_run
 //! use sessiongate_policy::{Access, Config, Hooks, Policy, RequestInfo, Session};
@@ -25,7 +26,7 @@
 //!     }
 //!
 //!     fn on_access(&self, session: &Session, request: &RequestInfo, _now: i64) -> Access {
-//!         if request.path.starts_with(&self.prefix) && session.attr("role") != Some("admin") {
+//!         if request.path().starts_with(&self.prefix) && session.attr("role") != Some("admin") {
 //!             return Access::deny(403, "admins only");
 //!         }
 //!         Access::Allow
@@ -42,8 +43,19 @@
 //! # What a policy can and cannot do
 //!
 //! A policy has no clock, filesystem, network or environment: everything it
-//! may look at is in the hooks' arguments, and `now` is the gateway's clock
-//! in milliseconds since the Unix epoch. It can write to the gateway's log
+//! may look at is the [`Session`] and [`RequestInfo`] the hooks get, and
+//! `now` is the gateway's clock in milliseconds since the Unix epoch.
+//!
+//! # Paying only for what the policy reads
+//!
+//! The access hook runs on every authenticated request, so the SDK builds
+//! on interface 0.2.0: `on_access`'s session carries its times
+//! (`created_at`, `last_seen_at`, `expires_at`) at once, and every string
+//! — [`Session::id`], [`Session::user_id`], [`Session::attr`],
+//! [`RequestInfo::path`] and the rest — is fetched from the gateway the
+//! first time the policy calls its method, then kept for the rest of the
+//! call. A policy that decides on the times alone copies no string at all.
+//! (`on_create` and `on_evict` get everything up front: they are rare.) It can write to the gateway's log
 //! with the [`log`] helpers. Each call runs under a time and a memory limit;
 //! a policy that traps (a panic, running out of memory or stack, a time-out)
 //! has its instance thrown away, and the request gets the policy's
@@ -183,12 +195,12 @@ pub mod __private {
 
     use crate::{Config, Policy, RequestInfo, Session};
 
-    /// The bindings generated from `plugins/wit` (world `policy`).
+    /// The bindings generated from `plugins/wit/0.2.0` (world `policy`).
     #[allow(missing_docs, clippy::all)]
     pub mod bindings {
         wit_bindgen::generate!({
             world: "policy",
-            path: "../wit",
+            path: "../wit/0.2.0",
             pub_export_macro: true,
             export_macro_name: "export_world",
         });
@@ -249,9 +261,9 @@ pub mod __private {
             .map_err(Into::into)
         }
 
-        fn on_access(session: wit::Session, request: wit::RequestInfo, now: i64) -> wit::Access {
-            let session = Session::from(session);
-            let request = RequestInfo::from(request);
+        fn on_access(created_at: i64, last_seen_at: i64, expires_at: i64, now: i64) -> wit::Access {
+            let session = Session::live(created_at, last_seen_at, expires_at);
+            let request = RequestInfo::live();
             with_policy::<E, _>("on-access", |p| p.on_access(&session, &request, now)).into()
         }
 

@@ -98,13 +98,9 @@ mod tests {
     }
 
     fn session(attrs: &[(&str, &str)]) -> Session {
-        Session {
-            attributes: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Session::default()
-        }
+        attrs
+            .iter()
+            .fold(Session::default(), |s, (k, v)| s.with_attr(*k, *v))
     }
 
     const NOW: i64 = 1_700_000_000_000;

@@ -23,7 +23,7 @@ impl Tag {
             .set(self.key.clone(), self.value.clone())
             .set("chain", chain);
         match (&self.client_key, request) {
-            (Some(key), Some(request)) => creation.set(key.clone(), request.client_addr.clone()),
+            (Some(key), Some(request)) => creation.set(key.clone(), request.client_addr()),
             _ => creation,
         }
     }
@@ -65,14 +65,10 @@ mod tests {
         let t = Tag::init(Config::parse(r#"{"key": "team", "value": "b"}"#).unwrap()).unwrap();
         let c = t.creation(&Session::default(), None);
         assert_eq!(c, Creation::unchanged().set("team", "b").set("chain", "b"));
-        let mut s = Session::default();
-        s.attributes.insert("chain".into(), "a".into());
+        let s = Session::default().with_attr("chain", "a");
         assert_eq!(t.creation(&s, None).attributes["chain"], "a,b");
         let t = Tag::init(Config::parse(r#"{"value": "b", "client_key": "ip"}"#).unwrap()).unwrap();
-        let request = RequestInfo {
-            client_addr: "203.0.113.7".into(),
-            ..RequestInfo::default()
-        };
+        let request = RequestInfo::default().with_client_addr("203.0.113.7");
         assert_eq!(
             t.creation(&Session::default(), Some(&request)).attributes["ip"],
             "203.0.113.7"
