@@ -8,8 +8,9 @@
 //! stack, the pooling instance allocator (instantiation in microseconds,
 //! memory reserved up front), and no component-model concurrency support
 //! (it costs every call and our hooks are synchronous WIT functions; the
-//! host still calls them with `call_async` so that a long call yields, see
-//! [`YIELD_FUEL`]).
+//! host calls them with `call_async` so that a long call yields, see
+//! [`YIELD_FUEL`], except the first try of a 0.2.0 access call, which is a
+//! sync call limited to one such slice: see `plugin`).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -28,7 +29,8 @@ pub const FUEL_PER_MS: u64 = 1_000_000;
 
 /// Fuel between two yields of a running call to the async scheduler:
 /// about 100 µs of guest work, so a call burning its whole time limit
-/// holds its worker thread for at most that long at a time. An ordinary
+/// holds its worker thread for at most that long at a time. Also the
+/// budget of a sync first try (`plugin`), for the same reason. An ordinary
 /// hook call uses a few thousand units and never reaches a yield point, so
 /// it pays nothing for this.
 pub const YIELD_FUEL: u64 = 100_000;

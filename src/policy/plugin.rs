@@ -16,6 +16,23 @@
 //! instead of stalling them. A call whose future is dropped (its client
 //! went away) drops its instance with it.
 //!
+//! Except the 0.2.0 access call, the one on every request: an async call
+//! costs a fiber switch in and out (~0.7 µs, most of such a call), so it
+//! is first tried as a plain sync call with [`YIELD_FUEL`] of fuel (and of
+//! import budget): what one async slice could hold the thread for anyway.
+//! Nearly every call ends well within that. One that does not traps out
+//! of fuel, its instance is dropped, and the call runs again from the
+//! start, async, on another instance with its whole budget (so such a
+//! call may spend its time limit plus one slice); the plugin is then
+//! marked slow and its later calls go async at once. (A
+//! store that may yield can no longer be called sync, so instances come in
+//! two kinds: `Slot::sync` says which.) So the guarantee is unchanged: a
+//! call holds its worker thread for at most [`YIELD_FUEL`] at a time.
+//! A first try's log lines are held and written only when it ends for
+//! good (succeeds or fails other than by running out), so a call run again
+//! does not log twice; a try logging more than [`MAX_HELD_LINES`] lines
+//! goes async.
+//!
 //! Two interface versions are served (`plugins/wit/<version>/policy.wit`):
 //! the component's exports say which ([`Interface`]). A 0.2.0 access call
 //! gets the session's times as arguments and reads the strings it wants
@@ -29,12 +46,13 @@
 //! unmetered.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, Linker, TypedFunc};
 use wasmtime::{ResourceLimiter, Store, Trap};
 
 use super::RequestInfo;
@@ -131,7 +149,14 @@ pub struct HostState {
     import_budget: u64,
     /// The budget ran out: the trap that follows is a time-out.
     import_budget_spent: bool,
+    /// Log lines of a sync first try, written only if it succeeds: a try
+    /// that is run again must not log twice.
+    held: Option<Vec<(types::LogLevel, String)>>,
 }
+
+/// Log lines a sync first try may hold; one more sends the call to the
+/// async path (a chatty call is not a quick one).
+const MAX_HELD_LINES: usize = 16;
 
 /// The session and request of the access call in progress.
 struct CallData {
@@ -276,13 +301,19 @@ impl types::Host for HostState {}
 
 mod v2_host {
     use super::super::bindings::v2::sessiongate::policy::{call, host, types};
-    use super::{HostState, MAX_ATTRIBUTES_BYTES};
+    use super::{HostState, MAX_ATTRIBUTES_BYTES, MAX_HELD_LINES};
 
     impl types::Host for HostState {}
 
     impl host::Host for HostState {
         fn log(&mut self, level: types::LogLevel, message: String) -> wasmtime::Result<()> {
             self.charge(message.len())?;
+            if let Some(held) = &self.held
+                && held.len() >= MAX_HELD_LINES
+            {
+                self.import_budget_spent = true;
+                return Err(wasmtime::format_err!("too many log lines for a sync try"));
+            }
             use super::types::LogLevel as V1;
             let level = match level {
                 types::LogLevel::Debug => V1::Debug,
@@ -290,7 +321,10 @@ mod v2_host {
                 types::LogLevel::Warn => V1::Warn,
                 types::LogLevel::Error => V1::Error,
             };
-            self.write_log(level, message);
+            match &mut self.held {
+                Some(held) => held.push((level, message)),
+                None => self.write_log(level, message),
+            }
             Ok(())
         }
     }
@@ -377,17 +411,23 @@ impl Interface {
 
 enum Pre {
     V1(v1::PolicyPre<HostState>),
-    V2(v2::PolicyPre<HostState>),
+    V2(v2::PolicyPre<HostState>, v2::PolicyIndices),
 }
 
 enum Bindings {
     V1(v1::Policy),
-    V2(v2::Policy),
+    /// With `on-access` as a typed function for the sync call.
+    V2(v2::Policy, V2Access),
 }
+
+type V2Access = TypedFunc<(i64, i64, i64, i64), (v2::sessiongate::policy::types::Access,)>;
 
 struct Slot {
     store: Store<HostState>,
     bindings: Bindings,
+    /// The store never had a fuel yield interval, so it may be called
+    /// sync. Setting the interval (for an async call) cannot be undone.
+    sync: bool,
 }
 
 /// Idle instances kept per plugin and worker. A worker's calls overlap
@@ -427,6 +467,9 @@ pub struct Plugin {
     limits: Limits,
     log_rate: Arc<LogRate>,
     pre: Pre,
+    /// A sync try ran out of its slice: every call goes async from now on
+    /// (until the plugin is reloaded).
+    slow: AtomicBool,
     /// Ready instances, per worker ([`POOL_SHARDS`]).
     idle: Box<[Padded<Mutex<Vec<Slot>>>]>,
 }
@@ -504,8 +547,10 @@ impl Plugin {
             .map_err(|e| compile_error(format!("{e:#}")))?;
         // The exports decide the version: each `PolicyPre` checks that
         // every export of its world is there with its exact type.
-        let (pre, interface) = match v2::PolicyPre::new(instance_pre.clone()) {
-            Ok(pre) => (Pre::V2(pre), Interface::V2),
+        let v2 = v2::PolicyIndices::new(&instance_pre)
+            .and_then(|indices| Ok((v2::PolicyPre::new(instance_pre.clone())?, indices)));
+        let (pre, interface) = match v2 {
+            Ok((pre, indices)) => (Pre::V2(pre, indices), Interface::V2),
             Err(v2_error) => match v1::PolicyPre::new(instance_pre) {
                 Ok(pre) => (Pre::V1(pre), Interface::V1),
                 Err(v1_error) => {
@@ -564,13 +609,14 @@ impl Plugin {
             limits,
             log_rate,
             pre,
+            slow: AtomicBool::new(false),
             idle: (0..POOL_SHARDS)
                 .map(|_| Padded(Mutex::new(Vec::new())))
                 .collect(),
         };
         // The first instance proves init accepts the config and tells
         // which hooks the plugin implements.
-        let (slot, hooks) = block_on(plugin.instantiate()).map_err(|e| match e {
+        let (slot, hooks) = block_on(plugin.instantiate(true)).map_err(|e| match e {
             InitFailure::Rejected(reason) => LoadError::Init {
                 path: path.to_string(),
                 reason,
@@ -599,7 +645,21 @@ impl Plugin {
         }
     }
 
-    async fn instantiate(&self) -> Result<(Slot, types::Hooks), InitFailure> {
+    /// A fresh instance, `init` run: one that may be called sync if
+    /// `sync` (and `init` fits in one slice; else the plugin is slow).
+    async fn instantiate(&self, sync: bool) -> Result<(Slot, types::Hooks), InitFailure> {
+        if sync && !self.slow.load(Ordering::Relaxed) {
+            match self.instantiate_kind(true).await {
+                Err(InitFailure::Failed(PluginFailure::Timeout)) => {
+                    self.slow.store(true, Ordering::Relaxed);
+                }
+                done => return done,
+            }
+        }
+        self.instantiate_kind(false).await
+    }
+
+    async fn instantiate_kind(&self, sync: bool) -> Result<(Slot, types::Hooks), InitFailure> {
         let mut store = Store::new(
             engine(),
             HostState {
@@ -611,30 +671,43 @@ impl Plugin {
                 call: None,
                 import_budget: 0,
                 import_budget_spent: false,
+                held: None,
             },
         );
         store.limiter(|state| state);
         store.epoch_deadline_trap();
-        // Fails only without fuel, and the engine has it.
-        let _ = store.fuel_async_yield_interval(Some(YIELD_FUEL));
-        self.arm(&mut store);
+        if !sync {
+            // Fails only without fuel, and the engine has it.
+            let _ = store.fuel_async_yield_interval(Some(YIELD_FUEL));
+        }
+        // A store without yield points runs `init` on one slice only.
+        self.arm(&mut store, sync);
         let init = match &self.pre {
             Pre::V1(pre) => match pre.instantiate_async(&mut store).await {
                 Ok(bindings) => {
-                    self.arm(&mut store);
+                    self.arm(&mut store, sync);
                     let init = bindings.call_init(&mut store, &self.config_json).await;
                     Ok((Bindings::V1(bindings), init))
                 }
                 Err(e) => Err(e),
             },
-            Pre::V2(pre) => match pre.instantiate_async(&mut store).await {
-                Ok(bindings) => {
-                    self.arm(&mut store);
-                    let init = bindings
-                        .call_init(&mut store, &self.config_json)
-                        .await
-                        .map(|r| r.map(convert::hooks));
-                    Ok((Bindings::V2(bindings), init))
+            Pre::V2(pre, indices) => match pre.instance_pre().instantiate_async(&mut store).await {
+                Ok(instance) => {
+                    let loaded = indices.load(&mut store, &instance).and_then(|b| {
+                        let access = instance.get_typed_func(&mut store, "on-access")?;
+                        Ok((b, access))
+                    });
+                    match loaded {
+                        Ok((bindings, access)) => {
+                            self.arm(&mut store, sync);
+                            let init = bindings
+                                .call_init(&mut store, &self.config_json)
+                                .await
+                                .map(|r| r.map(convert::hooks));
+                            Ok((Bindings::V2(bindings, access), init))
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 Err(e) => Err(e),
             },
@@ -645,29 +718,52 @@ impl Plugin {
             Ok(Err(reason)) => return Err(InitFailure::Rejected(reason)),
             Err(e) => return Err(InitFailure::Failed(classify(&store, e))),
         };
-        Ok((Slot { store, bindings }, hooks))
+        Ok((
+            Slot {
+                store,
+                bindings,
+                sync,
+            },
+            hooks,
+        ))
     }
 
     /// Gives a store the budget for one call: fuel for the time limit,
     /// and an epoch deadline well past it as the wall-clock backstop.
-    fn arm(&self, store: &mut Store<HostState>) {
+    /// A `slice`d budget is one yield interval's worth, for a sync call.
+    fn arm(&self, store: &mut Store<HostState>, slice: bool) {
         let ms = self.limits.timeout.as_millis().max(1) as u64;
+        let budget = if slice {
+            YIELD_FUEL.min(ms.saturating_mul(FUEL_PER_MS))
+        } else {
+            ms.saturating_mul(FUEL_PER_MS)
+        };
         // Setting fuel only fails when fuel is not enabled, and it is.
-        let _ = store.set_fuel(ms.saturating_mul(FUEL_PER_MS));
+        let _ = store.set_fuel(budget);
         let backstop = self.limits.timeout * 10 + std::time::Duration::from_millis(100);
         store.set_epoch_deadline((backstop.as_micros() / TICK.as_micros()).max(1) as u64);
         let state = store.data_mut();
         state.memory_refused = false;
-        state.import_budget = ms.saturating_mul(FUEL_PER_MS);
+        state.import_budget = budget;
         state.import_budget_spent = false;
     }
 
-    /// A pooled instance, armed for one call, or a fresh one.
-    async fn checkout(&self) -> Result<Slot, PluginFailure> {
-        let slot = self.pool().lock().expect("idle lock").pop();
+    /// A pooled instance, armed for one call, or a fresh one: for a sync
+    /// call (`sync`) one that may be called sync, else one that yields
+    /// (preferably one that already does: making a store yield cannot be
+    /// undone). Check `Slot::sync` for what was got.
+    async fn checkout(&self, sync: bool) -> Result<Slot, PluginFailure> {
+        let slot = {
+            let mut idle = self.pool().lock().expect("idle lock");
+            match idle.iter().rposition(|s| s.sync == sync) {
+                Some(i) => Some(idle.swap_remove(i)),
+                None if !sync => idle.pop(),
+                None => None,
+            }
+        };
         let mut slot = match slot {
             Some(slot) => slot,
-            None => match self.instantiate().await {
+            None => match self.instantiate(sync).await {
                 Ok((slot, _)) => slot,
                 Err(InitFailure::Rejected(reason)) => {
                     return Err(PluginFailure::Instantiate(format!("init failed: {reason}")));
@@ -675,7 +771,11 @@ impl Plugin {
                 Err(InitFailure::Failed(f)) => return Err(f),
             },
         };
-        self.arm(&mut slot.store);
+        if !sync && slot.sync {
+            let _ = slot.store.fuel_async_yield_interval(Some(YIELD_FUEL));
+            slot.sync = false;
+        }
+        self.arm(&mut slot.store, slot.sync);
         Ok(slot)
     }
 
@@ -705,13 +805,13 @@ impl Plugin {
         request: Option<&types::RequestInfo>,
         now: i64,
     ) -> Result<Result<types::Creation, types::Denial>, PluginFailure> {
-        let mut slot = self.checkout().await?;
+        let mut slot = self.checkout(false).await?;
         let result = match &slot.bindings {
             Bindings::V1(b) => {
                 b.call_on_create(&mut slot.store, session, request, now)
                     .await
             }
-            Bindings::V2(b) => {
+            Bindings::V2(b, _) => {
                 let request = request.map(convert::request);
                 b.call_on_create(
                     &mut slot.store,
@@ -734,7 +834,52 @@ impl Plugin {
         call: AccessCall<'_>,
         view: &mut Option<types::Session>,
     ) -> Result<types::Access, PluginFailure> {
-        let mut slot = self.checkout().await?;
+        let fast = self.interface == Interface::V2 && !self.slow.load(Ordering::Relaxed);
+        let mut slot = self.checkout(fast).await?;
+        if slot.sync
+            && let Bindings::V2(_, access) = &slot.bindings
+        {
+            let access = *access;
+            let state = slot.store.data_mut();
+            state.call = Some(CallData {
+                session: call.session.clone(),
+                request: call.request.clone(),
+            });
+            state.held = Some(Vec::new());
+            let s = &**call.session;
+            let result = access.call(
+                &mut slot.store,
+                (s.created_at, s.last_seen_at, call.expires_at, call.now),
+            );
+            let state = slot.store.data_mut();
+            state.call = None;
+            let held = state.held.take().unwrap_or_default();
+            match result {
+                Ok((access,)) => {
+                    for (level, line) in held {
+                        slot.store.data_mut().write_log(level, line);
+                    }
+                    return self.checkin(slot, Ok(convert::access(access)));
+                }
+                Err(e) => match classify(&slot.store, e) {
+                    // More than a slice: again from the start, async
+                    // (this instance is dead: the trap poisoned it).
+                    PluginFailure::Timeout => {
+                        self.slow.store(true, Ordering::Relaxed);
+                        drop(slot);
+                        slot = self.checkout(false).await?;
+                    }
+                    // Not run again: what it logged (a panic's message,
+                    // say) is written.
+                    failure => {
+                        for (level, line) in held {
+                            slot.store.data_mut().write_log(level, line);
+                        }
+                        return Err(failure);
+                    }
+                },
+            }
+        }
         let result = match &slot.bindings {
             Bindings::V1(b) => {
                 let view = view.get_or_insert_with(|| super::to_wit(call.session));
@@ -742,7 +887,7 @@ impl Plugin {
                 b.call_on_access(&mut slot.store, view, call.request, call.now)
                     .await
             }
-            Bindings::V2(b) => {
+            Bindings::V2(b, _) => {
                 slot.store.data_mut().call = Some(CallData {
                     session: call.session.clone(),
                     request: call.request.clone(),
@@ -773,10 +918,10 @@ impl Plugin {
         others: &[types::Session],
         now: i64,
     ) -> Result<Vec<String>, PluginFailure> {
-        let mut slot = self.checkout().await?;
+        let mut slot = self.checkout(false).await?;
         let result = match &slot.bindings {
             Bindings::V1(b) => b.call_on_evict(&mut slot.store, created, others, now).await,
-            Bindings::V2(b) => {
+            Bindings::V2(b, _) => {
                 let others: Vec<_> = others.iter().map(convert::session).collect();
                 b.call_on_evict(&mut slot.store, &convert::session(created), &others, now)
                     .await
@@ -902,6 +1047,7 @@ mod tests {
             call: None,
             import_budget: budget,
             import_budget_spent: false,
+            held: None,
         }
     }
 
