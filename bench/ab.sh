@@ -35,6 +35,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH="$ROOT/bench"
+# shellcheck source=bench/sg_config.sh
+source "$BENCH/sg_config.sh"
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
 
@@ -86,47 +88,6 @@ sed "s/127.0.0.1:18080/127.0.0.1:$ORIGIN_PORT/" "$BENCH/conf/upstream.nginx.conf
 start origin nginx -p "$RUN/" -e "$RUN/logs/origin.error.log" -c "$RUN/origin.conf" -g 'daemon off;'
 wait_port origin "$ORIGIN_PORT"
 
-write_config() { # file auth
-    cat >"$1" <<CONF
-[server]
-listen = "127.0.0.1:$PORT"
-worker_threads = 1
-
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-token = "$ADMIN_TOKEN"
-
-[store]
-database_url = "sqlite://$RUN/sessions.db"
-
-[session]
-cookie_secure = false
-
-[log]
-level = "warn"
-
-[[upstreams]]
-name = "origin"
-urls = ["http://127.0.0.1:$ORIGIN_PORT"]
-
-[[routes]]
-prefix = "/"
-upstream = "origin"
-auth = "$2"
-CONF
-}
-
-wait_listening() { # name port: valgrind starts slowly
-    local i
-    for ((i = 0; i < 600; i++)); do
-        port_open "$2" && return 0
-        [[ -d /proc/${PID[$1]} ]] || break
-        sleep 0.1
-    done
-    tail -n 20 "$RUN/logs/$1.log" >&2 || true
-    die "$1 did not listen on 127.0.0.1:$2"
-}
-
 if [[ "$MEASURE" == instructions ]]; then
     printf '| binary | config | requests | instructions | per request |\n| --- | --- | ---: | ---: | ---: |\n' >"$OUT/report.md"
 else
@@ -144,7 +105,9 @@ for bin in "${BINARIES[@]}"; do
             *) die "unknown config $config (floor or auth)" ;;
         esac
         rm -f "$RUN/sessions.db"*
-        write_config "$RUN/$config.toml" "$auth"
+        # No policies (ROOT empty): see the header.
+        write_sg_config "$RUN/$config.toml" "$PORT" "$ADMIN_PORT" "$ADMIN_TOKEN" "$ORIGIN_PORT" \
+            "sqlite://$RUN/sessions.db" "" 0 "" "$auth" ""
         name="sg-$round-$n-$config"
         if [[ "$MEASURE" == instructions ]]; then
             start "$name" valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$n.$config.%p" \
@@ -152,7 +115,8 @@ for bin in "${BINARIES[@]}"; do
         else
             start "$name" "$bin" serve --config "$RUN/$config.toml"
         fi
-        wait_listening "$name" "$PORT"
+        # valgrind starts slowly: up to 60 s.
+        wait_port "$name" "$PORT" 600
         headers=()
         if [[ "$auth" == required ]]; then
             token="$(curl -sf -X POST -H "Authorization: Bearer $ADMIN_TOKEN" \

@@ -84,9 +84,9 @@ start() { # name cmd...: in the background, its output in $RUN/logs/<name>.log
     STARTED+=("$name")
 }
 
-wait_port() { # name port: until it listens (15 s), or dies with its log's tail
+wait_port() { # name port [tenths]: until it listens (15 s, or tenths/10 s), or dies with its log's tail
     local i
-    for ((i = 0; i < 150; i++)); do
+    for ((i = 0; i < ${3:-150}; i++)); do
         port_open "$2" && return 0
         [[ -d /proc/${PID[$1]} ]] || break
         sleep 0.1

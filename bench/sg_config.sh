@@ -7,8 +7,8 @@
 # One worker thread, log level warn, one route `/` to the origin with AUTH.
 # REDIS_URL empty means the in-process tier; a comma-separated list of URLs
 # means a Redis Cluster (store.redis_cluster_urls, the seed nodes). Unless
-# AUTH is "none", the [[policies]] are gateway.toml's own (ROOT's), with
-# absolute plugin paths.
+# AUTH is "none" or ROOT is empty, the [[policies]] are gateway.toml's own
+# (ROOT's), with absolute plugin paths.
 write_sg_config() {
     local file="$1" port="$2" admin_port="$3" admin_token="$4" origin_port="$5"
     local db="$6" redis="$7" cache_ms="$8" prefix="$9" auth="${10}" root="${11}"
@@ -52,12 +52,12 @@ upstream = "origin"
 auth = "$auth"
 
 CONF
-        if [[ "$auth" != none ]]; then
+        if [[ "$auth" != none && -n "$root" ]]; then
             awk '/^\[\[policies\]\]/ { p = 1 } /^\[/ && !/^\[\[policies\]\]/ { p = 0 } p' \
                 "$root/gateway.toml" | sed "s#^plugin = \"plugins/#plugin = \"$root/plugins/#"
         fi
     } >"$file"
-    if [[ "$auth" != none ]] && ! grep -q '^\[\[policies\]\]' "$file"; then
+    if [[ "$auth" != none && -n "$root" ]] && ! grep -q '^\[\[policies\]\]' "$file"; then
         echo "no [[policies]] found in $root/gateway.toml" >&2
         return 1
     fi
